@@ -1,0 +1,71 @@
+"""The circuit spec as loaded and validated: what the probes compute and the sidecar scores.
+
+A spec names *components* (one float per token each, computed inside the engine) and
+*circuits* (weighted sums of components, computed by the sidecar). Only component values
+cross the wire, so the engine does k dot products per token and nothing more.
+
+Component kinds:
+    head       one attention head's contribution to the residual stream,
+               ``c = z[h] @ W_O[:, h]^T``; value ``||c||`` or, with a direction u, ``c . u + bias``
+    direction  a linear read-out at any site, ``x . w + bias``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from sidecar.spec.sites import Site
+
+
+class ComponentKind(str, Enum):
+    HEAD = "head"
+    DIRECTION = "direction"
+
+
+@dataclass(frozen=True, eq=False)
+class Component:
+    name: str
+    kind: ComponentKind
+    site: Site
+    head: int | None = None  # set for kind=head
+    direction: torch.Tensor | None = None  # float32 [site width] (direction) or [d_model] (head)
+    bias: float = 0.0
+
+
+@dataclass(frozen=True)
+class Circuit:
+    name: str
+    weights: tuple[float, ...]  # one per spec component, zero where the circuit does not use it
+    bias: float = 0.0
+    description: str = ""
+    threshold: float | None = None  # a per-token score above it counts as "firing"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    hash: str  # sidecar.spec.identity.model_hash of the model directory
+
+
+@dataclass(frozen=True, eq=False)
+class CircuitSpec:
+    path: Path
+    model: ModelIdentity
+    components: tuple[Component, ...]
+    circuits: tuple[Circuit, ...]
+    hash: str  # sha256 over the spec file and every direction file it reads
+
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        """Distinct sites the components read, in first-use order."""
+        return tuple(dict.fromkeys(c.site for c in self.components))
+
+    def weight_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Circuits as a linear map: scores [T, n_circuits] = values [T, k] @ W.T + b."""
+        weights = torch.tensor([c.weights for c in self.circuits], dtype=torch.float32)
+        bias = torch.tensor([c.bias for c in self.circuits], dtype=torch.float32)
+        return weights, bias
