@@ -1,0 +1,139 @@
+"""``circuitwatch serve``: load a spec and run the sidecar until SIGTERM/SIGINT.
+
+Configuration order: command-line option, then environment variable, then default:
+
+    --listen        CIRCUITWATCH_LISTEN         unix:///tmp/circuitwatch.sock
+    --metrics-port  CIRCUITWATCH_METRICS_PORT   9464
+    --otlp-endpoint OTEL_EXPORTER_OTLP_ENDPOINT (no trace export when unset)
+
+Exit status: 0 after a graceful stop, 2 for a bad spec or option (nothing is bound),
+1 when the ingest or metrics address cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from sidecar.server.service import Sidecar
+from sidecar.server.tracing import tracer_provider_from_config
+
+DEFAULT_LISTEN = "unix:///tmp/circuitwatch.sock"
+DEFAULT_METRICS_PORT = 9464
+
+logger = logging.getLogger("circuitwatch.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", required=True, help="circuit spec YAML file to score")
+    parser.add_argument(
+        "--listen",
+        help="ingest address, unix:///path or host:port "
+        f"(env CIRCUITWATCH_LISTEN, default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help=f"/metrics port (env CIRCUITWATCH_METRICS_PORT, default {DEFAULT_METRICS_PORT})",
+    )
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="/metrics bind address")
+    parser.add_argument("--model-dir", help="check the spec against this model directory")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="finish a request after this many seconds without data (default 60)",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=10_000,
+        help="live requests kept; beyond it the least recently updated is evicted (default 10000)",
+    )
+    parser.add_argument(
+        "--tp-join-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for every tensor-parallel rank of a step (default 5)",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        help="export one span per request over OTLP (env OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from sidecar.spec.load import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec, model_dir=args.model_dir)
+    except (SpecError, OSError) as error:
+        print(f"circuitwatch serve: {error}", file=sys.stderr)
+        return 2
+    try:
+        listen = args.listen or os.environ.get("CIRCUITWATCH_LISTEN") or DEFAULT_LISTEN
+        metrics_port = _metrics_port(args.metrics_port)
+        tracer_provider = tracer_provider_from_config(args.otlp_endpoint)
+        sidecar = Sidecar(
+            spec,
+            listen,
+            metrics_port=metrics_port,
+            metrics_host=args.metrics_host,
+            tracer_provider=tracer_provider,
+            idle_timeout=args.idle_timeout,
+            max_requests=args.max_requests,
+            join_timeout=args.tp_join_timeout,
+        )
+    except ValueError as error:
+        print(f"circuitwatch serve: {error}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(sidecar))
+    except (RuntimeError, OSError) as error:
+        print(f"circuitwatch serve: cannot serve: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if tracer_provider is not None:
+            tracer_provider.shutdown()
+    return 0
+
+
+def _metrics_port(option: int | None) -> int:
+    if option is not None:
+        return option
+    value = os.environ.get("CIRCUITWATCH_METRICS_PORT")
+    if value is None:
+        return DEFAULT_METRICS_PORT
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"CIRCUITWATCH_METRICS_PORT={value!r} is not a port number") from None
+
+
+async def _serve(sidecar: Sidecar) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+        logger.info(
+            "scoring spec %s (%d circuits) for %s; ingest on %s, metrics on %s",
+            sidecar.spec.path,
+            len(sidecar.spec.circuits),
+            sidecar.spec.model.name,
+            sidecar.address,
+            sidecar.metrics_url,
+        )
+        await stop.wait()
+        logger.info("stopping: finishing open streams")
+    finally:
+        await sidecar.stop()

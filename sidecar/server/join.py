@@ -1,0 +1,113 @@
+"""Joining tensor-parallel ranks: one engine step's batches from every rank -> one batch.
+
+With tensor parallelism each rank reads the components whose heads/shards it holds, and
+every rank sees the same sampled tokens in the same order. The ranks' batches for one
+step are therefore joined by stacking their columns side by side; the rows must agree,
+which is checked. A step waits at most ``timeout`` seconds for its missing ranks and at
+most ``max_pending`` steps wait at once; steps given up on are reported as dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sidecar.protocol.batch import TokenBatch
+
+
+class JoinError(ValueError):
+    """A rank's batch cannot be joined: a rank sent twice, or the ranks' rows disagree."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DroppedJoin:
+    model_name: str
+    reason: str  # "tp_join_timeout" or "tp_join_overflow"
+    tokens: int
+
+
+@dataclass(frozen=True)
+class JoinOutcome:
+    joined: TokenBatch | None  # set once every rank of the step arrived
+    dropped: tuple[DroppedJoin, ...] = ()
+
+
+@dataclass
+class _Pending:
+    created: float
+    world_size: int
+    parts: dict[int, TokenBatch] = field(default_factory=dict)
+
+
+class RankJoiner:
+    def __init__(self, timeout: float, max_pending: int = 256) -> None:
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self._pending: dict[tuple[str, int, int], _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, batch: TokenBatch, now: float) -> JoinOutcome:
+        if batch.world_size == 1:
+            return JoinOutcome(batch)
+        key = (batch.model_name, batch.world_size, batch.step)
+        pending = self._pending.get(key)
+        dropped: tuple[DroppedJoin, ...] = ()
+        if pending is None:
+            if len(self._pending) >= self.max_pending:
+                oldest = next(iter(self._pending))
+                dropped = (_dropped(self._pending.pop(oldest), "tp_join_overflow"),)
+            pending = self._pending[key] = _Pending(now, batch.world_size)
+        if batch.rank in pending.parts:
+            raise JoinError("tp_duplicate_rank", f"rank {batch.rank} sent step {batch.step} twice")
+        pending.parts[batch.rank] = batch
+        if len(pending.parts) < pending.world_size:
+            return JoinOutcome(None, dropped)
+        del self._pending[key]
+        return JoinOutcome(_merge([pending.parts[r] for r in range(pending.world_size)]), dropped)
+
+    def expire(self, now: float) -> list[DroppedJoin]:
+        """Give up on steps still missing ranks after ``timeout`` seconds."""
+        stale = [k for k, p in self._pending.items() if p.created <= now - self.timeout]
+        return [_dropped(self._pending.pop(k), "tp_join_timeout") for k in stale]
+
+
+def _dropped(pending: _Pending, reason: str) -> DroppedJoin:
+    part = next(iter(pending.parts.values()))
+    return DroppedJoin(part.model_name, reason, part.num_tokens)
+
+
+def _merge(parts: list[TokenBatch]) -> TokenBatch:
+    first = parts[0]
+    for part in parts[1:]:
+        if (
+            part.request_ids != first.request_ids
+            or not np.array_equal(part.request_index, first.request_index)
+            or not np.array_equal(part.positions, first.positions)
+            or not np.array_equal(part.phases, first.phases)
+        ):
+            raise JoinError(
+                "tp_mismatch",
+                f"step {first.step}: rank {part.rank}'s tokens differ from rank {first.rank}'s",
+            )
+    finished = dict.fromkeys(r for part in parts for r in part.finished_request_ids)
+    return TokenBatch(
+        spec_hash=first.spec_hash,
+        model_name=first.model_name,
+        step=first.step,
+        component_ids=np.concatenate([p.component_ids for p in parts]),
+        request_ids=first.request_ids,
+        request_index=first.request_index,
+        positions=first.positions,
+        phases=first.phases,
+        values=np.hstack([p.values for p in parts]),
+        finished_request_ids=list(finished),
+        rank=0,
+        world_size=1,
+    )

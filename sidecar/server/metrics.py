@@ -1,0 +1,209 @@
+"""Every Prometheus metric the sidecar exports, declared in one place, on a registry passed in.
+
+Names follow ``circuitwatch_<thing>_<unit>``; counters end in ``_total``. Labels are
+bounded: ``circuit`` comes from the spec, ``phase``/``aggregation``/``finished_by`` are
+fixed sets, and values that come from senders (``model_name``, the probe's drop
+``reason``) are cut to a fixed number of distinct values, the rest reported as "other".
+
+``circuitwatch_circuit_score`` buckets: scores are unbounded reals centred near zero, so
+the default buckets are symmetric, 1-2-5 steps from 0.1 to 100 on both sides of 0. Every
+circuit threshold in the spec is added as a bucket boundary, so the share of requests
+whose mean or max is above a circuit's threshold can be read exactly from ``le``. With
+buckets below zero prometheus_client exposes no ``_sum`` (OpenMetrics: a sum of values
+that can be negative is not a counter); use ``histogram_quantile`` for typical scores.
+
+``circuitwatch_token_to_metric_seconds`` measures, per request, from the arrival of the
+request's first tokens to its record being observed: the longest any of its tokens waited
+before showing in a metric (scores reach metrics once per request, when it finishes).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.protocol.batch import PHASE_NAMES
+from sidecar.server.records import FINISHED_BY_ENGINE, FINISHED_BY_IDLE, RequestRecord
+from sidecar.spec.schema import Circuit
+
+_MAGNITUDES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+DEFAULT_SCORE_BUCKETS = tuple(sorted({-m for m in _MAGNITUDES} | {0.0} | set(_MAGNITUDES)))
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+AGGREGATIONS = ("mean", "max")
+OTHER = "other"
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+
+
+class BoundedLabel:
+    """Passes through at most ``limit`` distinct well-formed values, then answers OTHER."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self.limit or not _LABEL_VALUE.match(value):
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+@dataclass
+class _ModelSeries:
+    """Pre-resolved label children for one model: the per-batch path does no label lookups."""
+
+    batches: Counter
+    tokens: tuple[Counter, ...]  # by phase
+    firing: tuple[Counter, ...]  # by circuit in SidecarMetrics.firing_circuits
+    live: Gauge
+    scores: tuple[tuple[tuple[Histogram, ...], ...], ...]  # [phase][aggregation][circuit]
+    requests: dict[str, Counter]  # by finished_by
+
+
+class SidecarMetrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        circuits: Sequence[Circuit],
+        score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
+        max_models: int = 16,
+        max_drop_reasons: int = 32,
+    ) -> None:
+        self.circuit_names = tuple(c.name for c in circuits)
+        self.firing_circuits = tuple(i for i, c in enumerate(circuits) if c.threshold is not None)
+        thresholds = {c.threshold for c in circuits if c.threshold is not None}
+        self.model_label = BoundedLabel(max_models)
+        self.reason_label = BoundedLabel(max_drop_reasons)
+        buckets = sorted(set(score_buckets) | thresholds)
+        self.histogram_circuit_score = Histogram(
+            "circuitwatch_circuit_score",
+            "Per-request aggregate of a circuit's per-token scores, by phase and aggregation.",
+            ["circuit", "model_name", "phase", "aggregation"],
+            buckets=buckets,
+            registry=registry,
+        )
+        self.histogram_token_to_metric_seconds = Histogram(
+            "circuitwatch_token_to_metric_seconds",
+            "Time from a request's first tokens arriving to its scores being observed.",
+            ["model_name"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.counter_tokens_sampled = Counter(
+            "circuitwatch_tokens_sampled_total",
+            "Tokens whose component values were scored.",
+            ["model_name", "phase"],
+            registry=registry,
+        )
+        self.counter_batches_received = Counter(
+            "circuitwatch_batches_received_total",
+            "Sample batches decoded from the ingest streams (one per rank and engine step).",
+            ["model_name"],
+            registry=registry,
+        )
+        self.counter_requests_scored = Counter(
+            "circuitwatch_requests_scored_total",
+            "Requests whose circuit scores were aggregated and exported.",
+            ["model_name", "finished_by"],
+            registry=registry,
+        )
+        self.counter_samples_dropped = Counter(
+            "circuitwatch_samples_dropped_total",
+            "Sampled tokens lost before scoring, by the probe (its reasons) or the sidecar.",
+            ["model_name", "reason"],
+            registry=registry,
+        )
+        self.counter_ingest_errors = Counter(
+            "circuitwatch_ingest_errors_total",
+            "Ingest messages rejected, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.counter_circuit_firing_tokens = Counter(
+            "circuitwatch_circuit_firing_tokens_total",
+            "Tokens whose circuit score was above the circuit's threshold.",
+            ["circuit", "model_name"],
+            registry=registry,
+        )
+        self.gauge_live_requests = Gauge(
+            "circuitwatch_live_requests",
+            "Requests with aggregation state in the sidecar.",
+            ["model_name"],
+            registry=registry,
+        )
+        self.gauge_build_info = Gauge(
+            "circuitwatch_build_info",
+            "Always 1; labels name the sidecar version and the spec it scores.",
+            ["version", "spec_hash", "model_hash", "model_name"],
+            registry=registry,
+        )
+        self._models: dict[str, _ModelSeries] = {}
+
+    def set_build_info(
+        self, version: str, spec_hash: str, model_hash: str, model_name: str
+    ) -> None:
+        self.gauge_build_info.labels(version, spec_hash, model_hash, model_name).set(1)
+
+    def model(self, model_name: str) -> _ModelSeries:
+        """Label children for ``model_name`` (already bounded with ``model_label``)."""
+        series = self._models.get(model_name)
+        if series is None:
+            series = self._models[model_name] = self._resolve(model_name)
+        return series
+
+    def drop(self, model_name: str, reason: str, tokens: int) -> None:
+        if tokens > 0:
+            self.counter_samples_dropped.labels(model_name, reason).inc(tokens)
+
+    def ingest_error(self, reason: str) -> None:
+        self.counter_ingest_errors.labels(reason).inc()
+
+    def _resolve(self, model_name: str) -> _ModelSeries:
+        score = self.histogram_circuit_score
+        return _ModelSeries(
+            batches=self.counter_batches_received.labels(model_name),
+            tokens=tuple(self.counter_tokens_sampled.labels(model_name, p) for p in PHASE_NAMES),
+            firing=tuple(
+                self.counter_circuit_firing_tokens.labels(self.circuit_names[i], model_name)
+                for i in self.firing_circuits
+            ),
+            live=self.gauge_live_requests.labels(model_name),
+            scores=tuple(
+                tuple(
+                    tuple(score.labels(c, model_name, phase, agg) for c in self.circuit_names)
+                    for agg in AGGREGATIONS
+                )
+                for phase in PHASE_NAMES
+            ),
+            requests={
+                by: self.counter_requests_scored.labels(model_name, by)
+                for by in (FINISHED_BY_ENGINE, FINISHED_BY_IDLE)
+            },
+        )
+
+
+class MetricsSink:
+    """Observes each finished request's aggregates into the score histograms."""
+
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        self.metrics = metrics
+
+    def emit(self, record: RequestRecord) -> None:
+        series = self.metrics.model(record.model_name)
+        for stats in record.phases:
+            by_aggregation = series.scores[PHASE_NAMES.index(stats.phase)]
+            for circuit, mean_child, max_child in zip(
+                stats.circuits, by_aggregation[0], by_aggregation[1], strict=True
+            ):
+                mean_child.observe(circuit.mean)
+                max_child.observe(circuit.max)
+        series.requests[record.finished_by].inc()
+        self.metrics.histogram_token_to_metric_seconds.labels(record.model_name).observe(
+            time.monotonic() - record.first_received
+        )

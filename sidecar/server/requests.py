@@ -1,0 +1,260 @@
+"""Per-request running aggregates, bounded, updated a whole batch at a time.
+
+State lives in preallocated arrays indexed by *slot* (one slot per live request):
+token count, sum, max and min of every circuit's score, per phase. A batch updates them
+with a sort + ``reduceat`` over (slot, phase) groups and one fancy-indexed write per
+array, so the Python work per batch is one loop over the batch's distinct requests
+(to find their slots), never over tokens.
+
+A request finishes when the engine says so (``finish``) or when no data arrived for it
+for the idle timeout (``expire``). At most ``max_requests`` are live; a new request
+beyond that evicts the least recently updated one, whose tokens are reported dropped.
+Requests finished recently are remembered (bounded) so that late tokens for them are
+dropped instead of opening a second record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.protocol.batch import PHASE_NAMES
+from sidecar.server.records import (
+    FINISHED_BY_IDLE,
+    CircuitStats,
+    PhaseStats,
+    RequestRecord,
+    TokenScores,
+)
+
+_NO_SLOT = -1
+
+
+@dataclass(frozen=True)
+class DroppedTokens:
+    model_name: str
+    reason: str  # "state_full": evicted or never admitted; "after_finish": late tokens
+    tokens: int
+
+
+@dataclass
+class _Kept:
+    """Per-token scores of one request, kept only when keep_token_scores > 0."""
+
+    positions: list[np.ndarray]
+    phases: list[np.ndarray]
+    scores: list[np.ndarray]
+    count: int = 0
+
+
+class RequestTable:
+    def __init__(
+        self, circuit_names: tuple[str, ...], max_requests: int, keep_token_scores: int = 0
+    ) -> None:
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be at least 1, got {max_requests}")
+        self.circuit_names = circuit_names
+        self.max_requests = max_requests
+        self.keep_token_scores = keep_token_scores
+        slots, circuits, phases = max_requests, len(circuit_names), len(PHASE_NAMES)
+        self._count = np.zeros((slots, phases), dtype=np.int64)
+        self._sum = np.zeros((slots, phases, circuits), dtype=np.float64)
+        self._max = np.full((slots, phases, circuits), -np.inf, dtype=np.float64)
+        self._min = np.full((slots, phases, circuits), np.inf, dtype=np.float64)
+        self._first_seen = np.zeros(slots, dtype=np.float64)
+        self._last_seen = np.full(slots, np.inf, dtype=np.float64)  # inf marks a free slot
+        self._slot_of: dict[str, int] = {}
+        self._request_of: list[str] = [""] * slots
+        self._model_of: list[str] = [""] * slots
+        self._kept: list[_Kept | None] = [None] * slots
+        self._free = list(range(slots - 1, -1, -1))
+        self._recently_finished: dict[str, None] = {}
+        self._live_by_model: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def live(self, model_name: str) -> int:
+        return self._live_by_model.get(model_name, 0)
+
+    def add(
+        self,
+        model_name: str,
+        request_ids: list[str],
+        request_index: np.ndarray,
+        positions: np.ndarray,
+        phases: np.ndarray,
+        scores: np.ndarray,
+        now: float,
+    ) -> list[DroppedTokens]:
+        """Fold one batch's scores [n, c] into the requests' aggregates."""
+        slot_of_request, dropped = self._slots_for(model_name, request_ids, request_index, now)
+        if dropped:
+            keep = slot_of_request[request_index] != _NO_SLOT
+            request_index, positions = request_index[keep], positions[keep]
+            phases, scores = phases[keep], scores[keep]
+        if request_index.size == 0:
+            return dropped
+        if self.keep_token_scores:
+            self._keep(slot_of_request[request_index], positions, phases, scores)
+        # Group by (request in this batch, phase): engines list a request's tokens together,
+        # so the keys usually arrive sorted and the sort is skipped.
+        keys = request_index.astype(np.int64) * 2 + phases
+        if keys.size > 1 and bool((keys[1:] < keys[:-1]).any()):
+            order = np.argsort(keys, kind="stable")
+            keys, scores = keys[order], scores[order]
+        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        groups = keys[starts]
+        groups = slot_of_request[groups >> 1] * 2 + (groups & 1)  # -> rows of the state arrays
+        if starts.size == keys.size:  # one token per group, as in pure decode steps
+            counts, sums, maxima, minima = 1, scores, scores, scores
+        else:
+            counts = np.diff(starts, append=keys.size)
+            sums = np.add.reduceat(scores, starts, axis=0, dtype=np.float64)
+            maxima = np.maximum.reduceat(scores, starts, axis=0)
+            minima = np.minimum.reduceat(scores, starts, axis=0)
+        width = scores.shape[1]
+        self._count.reshape(-1)[groups] += counts
+        self._sum.reshape(-1, width)[groups] += sums
+        state = self._max.reshape(-1, width)
+        state[groups] = np.maximum(state[groups], maxima)
+        state = self._min.reshape(-1, width)
+        state[groups] = np.minimum(state[groups], minima)
+        return dropped
+
+    def finish(self, request_id: str, finished_by: str) -> RequestRecord | None:
+        """Close a request; None if it is not live (never seen, already closed or evicted)."""
+        self._remember_finished(request_id)
+        slot = self._slot_of.get(request_id)
+        if slot is None:
+            return None
+        record = self._record(slot, finished_by)
+        self._release(slot)
+        return record
+
+    def expire(self, now: float, idle_timeout: float) -> list[RequestRecord]:
+        """Close every request with no data for ``idle_timeout`` seconds."""
+        idle = np.flatnonzero(self._last_seen <= now - idle_timeout)
+        return [r for r in (self.finish(self._request_of[s], FINISHED_BY_IDLE) for s in idle) if r]
+
+    def _slots_for(
+        self, model_name: str, request_ids: list[str], request_index: np.ndarray, now: float
+    ) -> tuple[np.ndarray, list[DroppedTokens]]:
+        get = self._slot_of.get
+        slot_list = [get(request_id, _NO_SLOT) for request_id in request_ids]
+        slots = np.array(slot_list, dtype=np.int64)
+        if _NO_SLOT not in slot_list:
+            self._last_seen[slots] = now
+            return slots, []
+        self._last_seen[slots[slots != _NO_SLOT]] = now
+        new: list[int] = []
+        late: list[int] = []
+        for i in np.flatnonzero(slots == _NO_SLOT).tolist():
+            (late if request_ids[i] in self._recently_finished else new).append(i)
+        dropped: list[DroppedTokens] = []
+        refused: list[int] = []
+        for i in new:
+            if not self._free:
+                victim = int(np.argmin(self._last_seen))
+                if self._last_seen[victim] >= now:  # every live request is in this batch
+                    refused.append(i)
+                    continue
+                tokens = int(self._count[victim].sum())
+                dropped.append(DroppedTokens(self._model_of[victim], "state_full", tokens))
+                self._release(victim)
+            slots[i] = self._open(request_ids[i], model_name, now)
+        for reason, indices in (("after_finish", late), ("state_full", refused)):
+            if indices:
+                tokens = int(np.isin(request_index, indices).sum())
+                dropped.append(DroppedTokens(model_name, reason, tokens))
+        return slots, dropped
+
+    def _open(self, request_id: str, model_name: str, now: float) -> int:
+        slot = self._free.pop()
+        self._slot_of[request_id] = slot
+        self._request_of[slot] = request_id
+        self._model_of[slot] = model_name
+        self._first_seen[slot] = now
+        self._last_seen[slot] = now
+        if self.keep_token_scores:
+            self._kept[slot] = _Kept([], [], [])
+        self._live_by_model[model_name] = self._live_by_model.get(model_name, 0) + 1
+        return slot
+
+    def _release(self, slot: int) -> None:
+        del self._slot_of[self._request_of[slot]]
+        model_name = self._model_of[slot]
+        self._live_by_model[model_name] -= 1
+        self._count[slot] = 0
+        self._sum[slot] = 0.0
+        self._max[slot] = -np.inf
+        self._min[slot] = np.inf
+        self._last_seen[slot] = np.inf
+        self._kept[slot] = None
+        self._free.append(slot)
+
+    def _remember_finished(self, request_id: str) -> None:
+        self._recently_finished[request_id] = None
+        if len(self._recently_finished) > self.max_requests:
+            del self._recently_finished[next(iter(self._recently_finished))]
+
+    def _keep(
+        self, slots: np.ndarray, positions: np.ndarray, phases: np.ndarray, scores: np.ndarray
+    ) -> None:
+        order = np.argsort(slots, kind="stable")  # group by request, arrival order within
+        slots, positions, phases, scores = (
+            slots[order],
+            positions[order],
+            phases[order],
+            scores[order],
+        )
+        bounds = np.flatnonzero(np.concatenate(([True], slots[1:] != slots[:-1], [True])))
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            kept = self._kept[int(slots[start])]
+            if kept is None:
+                continue
+            take = min(int(end - start), self.keep_token_scores - kept.count)
+            if take <= 0:
+                continue
+            kept.positions.append(positions[start : start + take].copy())
+            kept.phases.append(phases[start : start + take].copy())
+            kept.scores.append(scores[start : start + take].copy())
+            kept.count += take
+
+    def _record(self, slot: int, finished_by: str) -> RequestRecord:
+        phases = []
+        for phase, name in enumerate(PHASE_NAMES):
+            count = int(self._count[slot, phase])
+            if count == 0:
+                continue
+            means = self._sum[slot, phase] / count
+            circuits = tuple(
+                CircuitStats(circuit, float(mean), float(high), float(low))
+                for circuit, mean, high, low in zip(
+                    self.circuit_names,
+                    means,
+                    self._max[slot, phase],
+                    self._min[slot, phase],
+                    strict=True,
+                )
+            )
+            phases.append(PhaseStats(name, count, circuits))
+        kept = self._kept[slot]
+        tokens = None
+        if kept is not None:
+            tokens = TokenScores(
+                positions=np.concatenate(kept.positions or [np.zeros(0, np.int32)]),
+                phases=np.concatenate(kept.phases or [np.zeros(0, np.uint8)]),
+                scores=np.concatenate(
+                    kept.scores or [np.zeros((0, len(self.circuit_names)), np.float32)]
+                ),
+            )
+        return RequestRecord(
+            request_id=self._request_of[slot],
+            model_name=self._model_of[slot],
+            finished_by=finished_by,
+            phases=tuple(phases),
+            first_received=float(self._first_seen[slot]),
+            tokens=tokens,
+        )

@@ -1,0 +1,176 @@
+"""The running sidecar: gRPC ingest + health, the /metrics endpoint and the periodic tick.
+
+``Sidecar`` wires one spec's ``Pipeline`` to a grpc.aio server (``circuitwatch.v1.Ingest``
+and ``grpc.health.v1``, NOT_SERVING until ready and again on shutdown) and to
+prometheus_client's HTTP server on the registry passed in (a private one by default).
+Run it on an event loop (``start``/``stop``), or as a context manager that runs it on a
+background thread with its own loop::
+
+    sink = CollectingSink()
+    with Sidecar(spec, "unix:///tmp/cw.sock", metrics_port=0, sinks=[sink]) as sidecar:
+        ...  # stream batches to sidecar.address
+        records = sink.wait_for(3, timeout=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, start_http_server
+
+from sidecar import __version__
+from sidecar.server.ingest import SERVICE_NAME, IngestService
+from sidecar.server.metrics import DEFAULT_SCORE_BUCKETS, MetricsSink, SidecarMetrics
+from sidecar.server.pipeline import Pipeline
+from sidecar.server.records import RecordSink
+from sidecar.server.scoring import Scorer
+from sidecar.server.tracing import TracingSink
+from sidecar.spec.schema import CircuitSpec
+
+logger = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Sidecar:
+    def __init__(
+        self,
+        spec: CircuitSpec,
+        listen: str,
+        *,
+        metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
+        registry: CollectorRegistry | None = None,
+        sinks: Sequence[RecordSink] = (),
+        tracer_provider: TracerProvider | None = None,
+        idle_timeout: float = 60.0,
+        max_requests: int = 10_000,
+        keep_token_scores: int = 0,
+        join_timeout: float = 5.0,
+        score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
+    ) -> None:
+        """``listen``: ``unix:///path`` or ``host:port`` (port 0 picks a free one).
+        ``metrics_port``: None serves no /metrics endpoint, 0 picks a free port."""
+        self.spec = spec
+        self.listen = listen
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = SidecarMetrics(self.registry, spec.circuits, score_buckets=score_buckets)
+        self.metrics.set_build_info(__version__, spec.hash, spec.model.hash, spec.model.name)
+        all_sinks: list[RecordSink] = [MetricsSink(self.metrics)]
+        if tracer_provider is not None:
+            all_sinks.append(TracingSink(tracer_provider))
+        all_sinks.extend(sinks)
+        scorer = Scorer.from_spec(spec)
+        self.pipeline = Pipeline(
+            scorer,
+            self.metrics,
+            all_sinks,
+            idle_timeout=idle_timeout,
+            max_requests=max_requests,
+            keep_token_scores=keep_token_scores,
+            join_timeout=join_timeout,
+        )
+        self.tick_interval = max(0.01, min(1.0, idle_timeout / 4, join_timeout / 4))
+        self.address: str | None = None  # the bound ingest address, once started
+        self.metrics_url: str | None = None  # http://host:port/metrics, once started
+        self._ingest = IngestService(self.pipeline, spec.hash, scorer.num_components)
+        self._server: grpc.aio.Server | None = None
+        self._health: health_aio.HealthServicer | None = None
+        self._http = None
+        self._ticker: asyncio.Task | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        """Bind and serve; raises RuntimeError if the address cannot be bound."""
+        self._health = health_aio.HealthServicer()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, _NOT_SERVING)
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers((self._ingest.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        port = self._server.add_insecure_port(self.listen)
+        self.address = (
+            self.listen
+            if self.listen.startswith("unix:")
+            else (f"{self.listen.rpartition(':')[0]}:{port}")
+        )
+        await self._server.start()
+        if self.metrics_port is not None:
+            self._http, _ = start_http_server(
+                self.metrics_port, addr=self.metrics_host, registry=self.registry
+            )
+            host = "127.0.0.1" if self.metrics_host in ("0.0.0.0", "") else self.metrics_host
+            self.metrics_url = f"http://{host}:{self._http.server_port}/metrics"
+        self._ticker = asyncio.create_task(self._tick_forever())
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, _SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, let open streams finish for ``grace`` seconds, then stop."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def __enter__(self) -> Sidecar:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=asyncio.run,
+            args=(self._run_in_thread(ready, errors),),
+            daemon=True,
+            name="circuitwatch-sidecar",
+        )
+        self._thread.start()
+        ready.wait()
+        if errors:
+            self._thread.join()
+            raise errors[0]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._loop is not None and self._stop_requested is not None:
+            self._loop.call_soon_threadsafe(self._stop_requested.set)
+        if self._thread is not None:
+            self._thread.join()
+
+    async def _run_in_thread(self, ready: threading.Event, errors: list[BaseException]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        try:
+            await self.start()
+        except BaseException as error:
+            errors.append(error)
+            await self.stop(grace=0)
+            return
+        finally:
+            ready.set()
+        await self._stop_requested.wait()
+        await self.stop(grace=1.0)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            try:
+                self.pipeline.tick(time.monotonic())
+            except Exception:  # keep ticking: idle requests must still be closed later
+                logger.exception("periodic tick failed")
