@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         parser.parse_args(argv)  # prints usage and exits
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    command = argparse.ArgumentParser(prog=f"circuitwatch {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+    name, (_, help_text) = argv[0], SUBCOMMANDS[argv[0]]
+    command = argparse.ArgumentParser(prog=f"circuitwatch {name}", description=help_text)
     module.add_arguments(command)
     return int(module.run(command.parse_args(argv[1:])) or 0)
 
