@@ -15,6 +15,7 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parents[2] / "protos"
 OUT_ROOT = Path(__file__).resolve().parent
 PROTOS = ("circuitwatch/v1/ingest.proto",)
+_ROOTED_IMPORT = re.compile(r"^from circuitwatch\.", flags=re.M)
 
 
 def generate(out_root: Path = OUT_ROOT) -> list[Path]:
@@ -28,7 +29,7 @@ def generate(out_root: Path = OUT_ROOT) -> list[Path]:
         written = []
         for src in sorted(Path(tmp).rglob("*.py")):
             rel = src.relative_to(tmp)
-            text = re.sub(r"^from circuitwatch\.", "from sidecar.protocol.circuitwatch.", src.read_text(), flags=re.M)
+            text = _ROOTED_IMPORT.sub("from sidecar.protocol.circuitwatch.", src.read_text())
             dest = out_root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(text)
