@@ -1,0 +1,148 @@
+"""Which request, position and phase each token of an engine step belongs to, and sampling.
+
+A step's forward pass carries the scheduled tokens of every request in the batch, request
+after request in the model runner's batch order, followed by padding (CUDA graph sizes).
+``StepLayout`` is that order with each request's scheduled token count and prompt length;
+``attribute`` turns it and the positions the model saw into per-token rows, dropping
+padding. A token is a prompt token when its position is below its request's prompt length,
+else a generated token (the engine feeds generated tokens back one per step; the last one
+is never fed back). Prefix-cached tokens skip the forward pass, so they have no rows.
+
+Request ids: vLLM's front ends add ``-<8 hex>`` to the id a user gives (``LLM.generate``'s
+``RequestOutput.request_id``, the OpenAI server's request id) so that ids are unique inside
+the engine. ``external_request_id`` strips it: the probe ships the id the user sees. For the
+OpenAI server that is the response ``id`` for chat completions and ``<response id>-<prompt
+index>`` for completions.
+
+Sampling (``SamplePolicy``, env ``CIRCUITWATCH_SAMPLE``), identical on every
+tensor-parallel rank because it reads only the step's metadata:
+    "0.25"  a fraction (text with a dot, in (0, 1]): a token is kept when a hash of its
+            request id and position falls below it, so a token's fate does not depend on
+            which step or batch it came in
+    "256"   a cap (an integer >= 1): at most that many tokens per step; generated tokens
+            first, then prompt tokens evenly spread over the step
+Default ``"512"``: every token of a step up to 512, which covers every decode step of a
+batch of up to 512 requests, and thins out only long prefill chunks.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.protocol.batch import GENERATED, PROMPT
+
+DEFAULT_SAMPLE = "512"
+
+_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def external_request_id(internal: str, randomized: bool = True) -> str:
+    """The id the user gave, from the engine's ``<id>-<8 hex>`` (unchanged if not randomized)."""
+    return _ENGINE_SUFFIX.sub("", internal) if randomized else internal
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """The requests of one forward pass, in batch order."""
+
+    req_ids: list[str]
+    num_scheduled: np.ndarray  # int [R]: tokens each request has in this forward
+    prompt_lens: np.ndarray  # int [R]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens in the forward."""
+        return int(self.num_scheduled.sum())
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Per-token attribution of one step: index into ``StepLayout.req_ids``, position, phase."""
+
+    request_index: np.ndarray  # uint32 [n]
+    positions: np.ndarray  # int32 [n]
+    phases: np.ndarray  # uint8 [n]
+
+    def take(self, rows: np.ndarray) -> TokenRows:
+        return TokenRows(self.request_index[rows], self.positions[rows], self.phases[rows])
+
+
+def attribute(layout: StepLayout, positions: np.ndarray) -> TokenRows:
+    """Rows for the first ``layout.num_tokens`` entries of ``positions``; the rest is padding."""
+    n = layout.num_tokens
+    if positions.shape[0] < n:
+        raise ValueError(f"{positions.shape[0]} positions for a step of {n} tokens")
+    request_index = np.repeat(np.arange(len(layout.req_ids), dtype=np.uint32), layout.num_scheduled)
+    positions = positions[:n].astype(np.int32)
+    prompt = positions < np.asarray(layout.prompt_lens)[request_index]
+    phases = np.where(prompt, PROMPT, GENERATED).astype(np.uint8)
+    return TokenRows(request_index, positions, phases)
+
+
+@dataclass(frozen=True)
+class SamplePolicy:
+    """Which tokens of a step to ship: a ``fraction`` of them, or at most ``cap`` of them."""
+
+    fraction: float | None = None
+    cap: int | None = None
+
+    def __post_init__(self):
+        if (self.fraction is None) == (self.cap is None):
+            raise ValueError("a sample policy is either a fraction or a cap")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"sample fraction {self.fraction} is not in (0, 1]")
+        if self.cap is not None and self.cap < 1:
+            raise ValueError(f"sample cap {self.cap} is not >= 1")
+
+    @classmethod
+    def parse(cls, text: str) -> SamplePolicy:
+        """``"0.25"`` (a fraction, has a dot) or ``"256"`` (a per-step cap); ValueError else."""
+        text = text.strip()
+        try:
+            if "." in text:
+                return cls(fraction=float(text))
+            return cls(cap=int(text))
+        except ValueError as e:
+            raise ValueError(
+                f"sample {text!r}: expected a fraction in (0, 1] such as '0.25' "
+                f"or a per-step token cap such as '256' ({e})"
+            ) from None
+
+    def select(self, rows: TokenRows, req_ids: list[str]) -> np.ndarray:
+        """Indices of the rows to keep, ascending."""
+        n = rows.positions.shape[0]
+        if self.fraction is not None:
+            if self.fraction >= 1.0:
+                return np.arange(n)
+            keys = np.array([zlib.crc32(r.encode()) for r in req_ids], dtype=np.uint64)
+            unit = _mix(
+                (keys[rows.request_index] << np.uint64(32)) | rows.positions.astype(np.uint64)
+            )
+            return np.flatnonzero(unit < self.fraction)
+        if n <= self.cap:
+            return np.arange(n)
+        generated = np.flatnonzero(rows.phases == GENERATED)
+        if generated.shape[0] >= self.cap:
+            return generated[_spread(generated.shape[0], self.cap)]
+        prompt = np.flatnonzero(rows.phases == PROMPT)
+        keep = prompt[_spread(prompt.shape[0], self.cap - generated.shape[0])]
+        return np.sort(np.concatenate([generated, keep]))
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    """k distinct indices evenly spread over range(n), k <= n."""
+    return (np.arange(k, dtype=np.int64) * n) // k
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser of uint64 keys, as floats in [0, 1)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)

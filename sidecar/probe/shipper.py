@@ -1,0 +1,223 @@
+"""Ships drained steps to the sidecar without ever blocking the engine.
+
+Like OpenTelemetry's ``BatchSpanProcessor``: ``submit`` appends to a bounded deque and
+returns (when the deque is full the oldest step is dropped and counted, reason
+``queue_full``); one daemon thread turns steps into ``SampleBatch`` messages and writes them
+to a gRPC client stream ``circuitwatch.v1.Ingest/Stream`` over a Unix socket or TCP. When
+the sidecar is unreachable or the stream breaks, the steps waiting are dropped and counted
+(``sidecar_unavailable``) and the thread reconnects with exponential backoff (0.1 s doubling
+to 5 s; only a stream that lasted resets it), so the sidecar can start, stop and restart
+under a running engine. Every message carries the cumulative drop counts by reason
+(``dropped_total``).
+
+What is queued is any ``Shippable``: its ``resolve`` runs on the shipper thread, so waiting
+for a device copy and building arrays stay off the engine's hot path.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from sidecar.protocol.batch import TokenBatch, to_message
+from sidecar.protocol.circuitwatch.v1 import ingest_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+QUEUE_FULL = "queue_full"
+SIDECAR_UNAVAILABLE = "sidecar_unavailable"
+
+
+class Shippable(Protocol):
+    def resolve(self) -> TokenBatch | None:
+        """The batch to send (None: nothing to send); may wait for a device copy."""
+
+    def discard(self) -> None:
+        """Release what the step holds without sending it."""
+
+
+class DropCounts:
+    """Thread-safe cumulative counts of dropped steps, by reason."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, reason: str, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self._counts[reason] = self._counts.get(reason, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+@dataclass(frozen=True)
+class ShipperStats:
+    sent: int  # messages handed to the stream
+    dropped: dict[str, int]  # steps dropped, by reason
+    queued: int
+    connected: bool
+    streams: int  # streams opened so far (1 + reconnects)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial_s: float = 0.1
+    max_s: float = 5.0
+
+    def delays(self):
+        delay = self.initial_s
+        while True:
+            yield delay
+            delay = min(delay * 2, self.max_s)
+
+
+class Shipper:
+    """Bounded queue + one thread holding a client stream to ``endpoint``."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        capacity: int = 256,
+        drops: DropCounts | None = None,
+        backoff: Backoff | None = None,
+        connect_timeout_s: float = 1.0,
+    ):
+        self.endpoint = endpoint
+        self.drops = drops or DropCounts()
+        self._backoff = backoff or Backoff()
+        self._connect_timeout_s = connect_timeout_s
+        self._queue: collections.deque[Shippable] = collections.deque()
+        self._capacity = capacity
+        self._cond = threading.Condition()
+        self._closed = False
+        self._sent = 0
+        self._streams = 0
+        self._connected = False
+        self._thread = threading.Thread(target=self._run, name="circuitwatch-shipper", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Shippable) -> None:
+        """Queue ``item``; never blocks (beyond a short lock) and never raises."""
+        with self._cond:
+            if self._closed:
+                item.discard()
+                return
+            if len(self._queue) >= self._capacity:
+                self._queue.popleft().discard()
+                self.drops.add(QUEUE_FULL)
+            self._queue.append(item)
+            self._cond.notify()
+
+    def stats(self) -> ShipperStats:
+        with self._cond:
+            return ShipperStats(
+                sent=self._sent,
+                dropped=self.drops.snapshot(),
+                queued=len(self._queue),
+                connected=self._connected,
+                streams=self._streams,
+            )
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the queue is empty (sent or dropped); True if it emptied in time."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, timeout=timeout_s)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued if the sidecar is there, end the stream and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        delays = self._backoff.delays()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if self._closed and not self._queue:
+                    return
+            channel = grpc.insecure_channel(self.endpoint)
+            try:
+                grpc.channel_ready_future(channel).result(timeout=self._connect_timeout_s)
+            except grpc.FutureTimeoutError:
+                channel.close()
+                self._drop_queued()
+                if self._closed:
+                    return
+                self._sleep(next(delays))
+                continue
+            started = time.monotonic()
+            self._stream(channel)
+            channel.close()
+            if self._closed:
+                continue
+            # Only a stream that lasted resets the backoff: a sidecar that refuses every
+            # stream (say, a different spec) must not be hammered.
+            if time.monotonic() - started > self._backoff.max_s:
+                delays = self._backoff.delays()
+            self._sleep(next(delays))
+
+    def _stream(self, channel: grpc.Channel) -> None:
+        stub = ingest_pb2_grpc.IngestStub(channel)
+        done = threading.Event()
+        with self._cond:
+            self._connected = True
+            self._streams += 1
+        try:
+            stub.Stream(self._messages(done))
+        except grpc.RpcError as e:
+            logger.warning(
+                "circuitwatch: stream to %s ended: %s %s", self.endpoint, e.code(), e.details()
+            )
+            self._drop_queued()
+        finally:
+            done.set()
+            with self._cond:
+                self._connected = False
+                self._cond.notify_all()
+
+    def _messages(self, done: threading.Event):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed or done.is_set(), 0.5)
+                if done.is_set() or (self._closed and not self._queue):
+                    return
+                if not self._queue:
+                    continue
+                item = self._queue.popleft()
+                self._cond.notify_all()
+            try:
+                batch = item.resolve()
+            except Exception:
+                logger.exception("circuitwatch: could not build a batch; dropped")
+                self.drops.add("resolve_error")
+                continue
+            if batch is None:
+                continue
+            batch.dropped_total = self.drops.snapshot()
+            with self._cond:
+                self._sent += 1
+            yield to_message(batch)
+
+    def _drop_queued(self) -> None:
+        with self._cond:
+            items = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for item in items:
+            item.discard()
+        self.drops.add(SIDECAR_UNAVAILABLE, len(items))
+
+    def _sleep(self, seconds: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed, timeout=seconds)

@@ -1,0 +1,161 @@
+"""Token attribution, sampling, request ids and the probe's environment settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sidecar.probe.attribution import (
+    SamplePolicy,
+    StepLayout,
+    TokenRows,
+    attribute,
+    external_request_id,
+)
+from sidecar.probe.config import ProbeConfig
+from sidecar.protocol.batch import GENERATED, PROMPT
+
+
+def layout(req_ids, scheduled, prompts) -> StepLayout:
+    return StepLayout(list(req_ids), np.array(scheduled), np.array(prompts))
+
+
+def test_mixed_step_is_attributed_request_by_request_and_padding_is_dropped():
+    # "a" decodes its 6th token, "b" runs a 4-token prefill chunk that crosses nothing,
+    # "c" finishes its prompt (positions 3..4 of 5) and the step is padded to 10 tokens.
+    step = layout(["a", "b", "c"], [1, 4, 2], [3, 8, 5])
+    positions = np.array([5, 0, 1, 2, 3, 3, 4, 0, 0, 0])
+    rows = attribute(step, positions)
+    assert rows.request_index.tolist() == [0, 1, 1, 1, 1, 2, 2]
+    assert rows.positions.tolist() == [5, 0, 1, 2, 3, 3, 4]
+    assert rows.phases.tolist() == [GENERATED] + [PROMPT] * 6
+    assert rows.request_index.dtype == np.uint32 and rows.positions.dtype == np.int32
+
+
+def test_phase_switches_at_the_prompt_length():
+    # A request whose prefill chunk runs past its prompt: possible after preemption,
+    # when vLLM recomputes prompt and generated tokens together.
+    rows = attribute(layout(["r"], [4], [2]), np.array([0, 1, 2, 3]))
+    assert rows.phases.tolist() == [PROMPT, PROMPT, GENERATED, GENERATED]
+
+
+def test_too_few_positions_is_an_error():
+    with pytest.raises(ValueError, match="3 positions for a step of 4"):
+        attribute(layout(["r"], [4], [2]), np.array([0, 1, 2]))
+
+
+@pytest.mark.parametrize(
+    ("internal", "external"),
+    [
+        ("0-1a2b3c4d", "0"),
+        ("chatcmpl-abc-9f8e7d6c", "chatcmpl-abc"),
+        ("cmpl-xyz-0-00ff00ff", "cmpl-xyz-0"),
+        ("no-suffix", "no-suffix"),
+        ("upper-ABCDEF12", "upper-ABCDEF12"),
+    ],
+)
+def test_external_request_id_strips_the_engine_suffix(internal, external):
+    assert external_request_id(internal) == external
+
+
+def test_external_request_id_keeps_ids_when_vllm_does_not_randomize():
+    assert external_request_id("user-1a2b3c4d", randomized=False) == "user-1a2b3c4d"
+
+
+def rows_of(phases: list[int]) -> TokenRows:
+    n = len(phases)
+    return TokenRows(
+        np.zeros(n, np.uint32), np.arange(n, dtype=np.int32), np.array(phases, np.uint8)
+    )
+
+
+def test_cap_keeps_generated_tokens_first_then_spreads_prompt_tokens():
+    phases = [PROMPT] * 10 + [GENERATED] * 3 + [PROMPT] * 10
+    keep = SamplePolicy(cap=7).select(rows_of(phases), ["r"])
+    assert keep.shape == (7,) and np.all(np.diff(keep) > 0)
+    assert set(range(10, 13)) <= set(keep.tolist())
+    prompt_kept = [i for i in keep if phases[i] == PROMPT]
+    assert prompt_kept[0] < 10 < 13 <= prompt_kept[-1]  # spread over both prompt runs
+
+
+def test_cap_above_the_step_keeps_everything_and_thins_generated_when_they_alone_exceed_it():
+    assert SamplePolicy(cap=50).select(rows_of([PROMPT] * 5), ["r"]).tolist() == [0, 1, 2, 3, 4]
+    keep = SamplePolicy(cap=4).select(rows_of([GENERATED] * 12), ["r"])
+    assert keep.tolist() == [0, 3, 6, 9]
+
+
+def test_fraction_is_deterministic_per_token_whatever_the_batch():
+    policy = SamplePolicy(fraction=0.3)
+    alone = TokenRows(
+        np.zeros(400, np.uint32), np.arange(400, dtype=np.int32), np.zeros(400, np.uint8)
+    )
+    kept_alone = set(alone.positions[policy.select(alone, ["req-a"])].tolist())
+    # The same request's tokens, now second in a batch with another request.
+    mixed = TokenRows(
+        np.repeat(np.array([0, 1], np.uint32), 400),
+        np.tile(np.arange(400, dtype=np.int32), 2),
+        np.zeros(800, np.uint8),
+    )
+    keep = policy.select(mixed, ["req-b", "req-a"])
+    kept_mixed = set(mixed.positions[keep[mixed.request_index[keep] == 1]].tolist())
+    assert kept_alone == kept_mixed
+    assert 80 < len(kept_alone) < 160  # about 30% of 400
+    other = set(mixed.positions[keep[mixed.request_index[keep] == 0]].tolist())
+    assert other != kept_alone  # a different request draws different tokens
+
+
+def test_fraction_one_keeps_everything():
+    assert SamplePolicy(fraction=1.0).select(rows_of([0, 1, 0]), ["r"]).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("text", "policy"),
+    [("0.25", SamplePolicy(fraction=0.25)), ("1.0", SamplePolicy(fraction=1.0))]
+    + [("256", SamplePolicy(cap=256)), (" 1 ", SamplePolicy(cap=1))],
+)
+def test_sample_policy_parses(text, policy):
+    assert SamplePolicy.parse(text) == policy
+
+
+@pytest.mark.parametrize("text", ["0", "0.0", "1.5", "-3", "all", ""])
+def test_sample_policy_rejects(text):
+    with pytest.raises(ValueError):
+        SamplePolicy.parse(text)
+
+
+def test_config_is_off_without_a_spec():
+    assert ProbeConfig.from_env({}) is None
+    assert ProbeConfig.from_env({"CIRCUITWATCH_ENDPOINT": "localhost:1"}) is None
+
+
+def test_config_reads_the_environment_with_defaults():
+    config = ProbeConfig.from_env(
+        {"CIRCUITWATCH_SPEC": "/specs/a.yaml", "CIRCUITWATCH_ENDPOINT": "unix:///run/cw.sock"}
+    )
+    assert config == ProbeConfig(Path("/specs/a.yaml"), "unix:///run/cw.sock")
+    assert config.sample == SamplePolicy(cap=512) and config.queue_size == 256
+    config = ProbeConfig.from_env(
+        {
+            "CIRCUITWATCH_SPEC": "a.yaml",
+            "CIRCUITWATCH_ENDPOINT": "localhost:50051",
+            "CIRCUITWATCH_SAMPLE": "0.5",
+            "CIRCUITWATCH_QUEUE_SIZE": "8",
+        }
+    )
+    assert config.sample == SamplePolicy(fraction=0.5) and config.queue_size == 8
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "CIRCUITWATCH_ENDPOINT is not"),
+        ({"CIRCUITWATCH_ENDPOINT": "x:1", "CIRCUITWATCH_SAMPLE": "lots"}, "CIRCUITWATCH_SAMPLE"),
+        ({"CIRCUITWATCH_ENDPOINT": "x:1", "CIRCUITWATCH_QUEUE_SIZE": "big"}, "QUEUE_SIZE"),
+        ({"CIRCUITWATCH_ENDPOINT": "x:1", "CIRCUITWATCH_QUEUE_SIZE": "0"}, "QUEUE_SIZE"),
+    ],
+)
+def test_config_names_the_bad_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        ProbeConfig.from_env({"CIRCUITWATCH_SPEC": "a.yaml", **env})

@@ -1,0 +1,146 @@
+"""The fused site reducer against a by-hand computation of every component kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sidecar.probe.reduce import SiteReducer, SiteShard
+from sidecar.spec.schema import Component, ComponentKind
+from sidecar.spec.sites import Site
+
+D_MODEL, N_HEADS, D_HEAD, T = 16, 4, 8, 7
+Z_SITE = Site.parse("blocks.0.attn.hook_z")
+RESID_SITE = Site.parse("blocks.0.hook_resid_post")
+
+
+def head(name: str, h: int, direction: torch.Tensor | None = None, bias: float = 0.0):
+    return Component(name, ComponentKind.HEAD, Z_SITE, h, direction, bias)
+
+
+def direction(name: str, site: Site, w: torch.Tensor, bias: float = 0.0):
+    return Component(name, ComponentKind.DIRECTION, site, None, w, bias)
+
+
+@pytest.fixture
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "z": torch.randn(T, N_HEADS * D_HEAD, generator=g),
+        "w_o": torch.randn(D_MODEL, N_HEADS * D_HEAD, generator=g),
+        "u": torch.randn(D_MODEL, generator=g),
+        "w_z": torch.randn(N_HEADS * D_HEAD, generator=g),
+        "x": torch.randn(T, D_MODEL, generator=g),
+        "w_x": torch.randn(D_MODEL, generator=g),
+    }
+
+
+def full_z_shard(w_o: torch.Tensor) -> SiteShard:
+    return SiteShard(
+        width=N_HEADS * D_HEAD,
+        columns=slice(0, N_HEADS * D_HEAD),
+        replicated=False,
+        heads=range(N_HEADS),
+        d_head=D_HEAD,
+        o_proj_weight=w_o,
+    )
+
+
+def by_hand(component: Component, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+    """The shared semantics, written out: c = z_h @ W_O_h^T, then ||c|| or c.u + b."""
+    if component.kind is ComponentKind.DIRECTION:
+        return z @ component.direction + component.bias
+    cols = slice(component.head * D_HEAD, (component.head + 1) * D_HEAD)
+    c = z[:, cols] @ w_o[:, cols].T
+    if component.direction is None:
+        return c.norm(dim=-1)
+    return c @ component.direction + component.bias
+
+
+def test_every_kind_on_hook_z_matches_by_hand(tensors):
+    z, w_o = tensors["z"], tensors["w_o"]
+    components = [
+        head("norm2", 2),
+        head("dir1", 1, tensors["u"], bias=0.25),
+        direction("zdir", Z_SITE, tensors["w_z"], bias=-1.5),
+        head("norm0", 0),
+    ]
+    reducer = SiteReducer(list(enumerate(components)), full_z_shard(w_o))
+    values = reducer(z)
+    ids = reducer.layout.component_ids
+    assert sorted(ids) == [0, 1, 2, 3]
+    assert reducer.layout.shipped == (0, 1, 2, 3)
+    for column, index in enumerate(ids):
+        expected = by_hand(components[index], z, w_o)
+        torch.testing.assert_close(values[:, column], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_directions_are_computed_by_rank_zero_only(tensors):
+    x, w = tensors["x"], tensors["w_x"]
+    shard = SiteShard(width=D_MODEL, columns=slice(0, D_MODEL), replicated=True)
+    components = [(5, direction("probe", RESID_SITE, w, bias=0.5))]
+    rank0 = SiteReducer(components, shard, rank=0)
+    rank1 = SiteReducer(components, shard, rank=1)
+    torch.testing.assert_close(rank0(x)[:, 0], x @ w + 0.5)
+    assert rank0.layout.component_ids == (5,)
+    assert rank1.num_columns == 0
+
+
+def test_tensor_parallel_shards_sum_to_the_whole(tensors):
+    """Two ranks, two heads each: heads go to their owner; a direction over the whole
+    hook_z is a partial sum on each rank, all-reduced, and shipped by rank 0 alone."""
+    z, w_o = tensors["z"], tensors["w_o"]
+    components = [
+        head("h0", 0),
+        head("h3", 3, tensors["u"], bias=1.0),
+        direction("zdir", Z_SITE, tensors["w_z"], bias=2.0),
+    ]
+    half = 2 * D_HEAD
+    partials = {}
+
+    def record(rank):
+        def all_reduce(t):  # stands in for the collective: remember, sum below
+            partials[rank] = t.clone()
+            return t
+
+        return all_reduce
+
+    outputs, layouts = [], []
+    for rank in (0, 1):
+        cols = slice(rank * half, (rank + 1) * half)
+        shard = SiteShard(
+            width=half,
+            columns=cols,
+            replicated=False,
+            heads=range(2 * rank, 2 * rank + 2),
+            d_head=D_HEAD,
+            o_proj_weight=w_o[:, cols],
+        )
+        reducer = SiteReducer(list(enumerate(components)), shard, rank, record(rank))
+        outputs.append(reducer(z[:, cols]))
+        layouts.append(reducer.layout)
+    assert layouts[0].component_ids == (0, 2) and layouts[0].shipped == (0, 1)
+    assert layouts[1].component_ids == (1, 2) and layouts[1].shipped == (0,)
+    torch.testing.assert_close(outputs[0][:, 0], by_hand(components[0], z, w_o))
+    torch.testing.assert_close(outputs[1][:, 0], by_hand(components[1], z, w_o))
+    summed = partials[0] + partials[1] + 2.0
+    torch.testing.assert_close(summed[:, 0], by_hand(components[2], z, w_o), rtol=1e-5, atol=1e-5)
+
+
+def test_reducer_traces_into_one_graph_with_dynamic_token_count(tensors):
+    """What the taps rely on: no graph break and no shape specialisation on T."""
+    z, w_o = tensors["z"], tensors["w_o"]
+    components = [head("norm1", 1), direction("zdir", Z_SITE, tensors["w_z"])]
+    reducer = SiteReducer(list(enumerate(components)), full_z_shard(w_o))
+    compiled = torch.compile(reducer, fullgraph=True, backend="eager", dynamic=True)
+    for tokens in (3, 7):
+        torch.testing.assert_close(compiled(z[:tokens]), reducer(z[:tokens]))
+
+
+def test_bfloat16_activations_are_reduced_in_float32(tensors):
+    x, w = tensors["x"], tensors["w_x"]
+    shard = SiteShard(width=D_MODEL, columns=slice(0, D_MODEL), replicated=True)
+    reducer = SiteReducer([(0, direction("p", RESID_SITE, w))], shard)
+    values = reducer(x.to(torch.bfloat16))
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values[:, 0], x.to(torch.bfloat16).float() @ w)
