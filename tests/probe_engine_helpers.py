@@ -3,6 +3,7 @@ reference component values computed with Hugging Face transformers on the same w
 
 from __future__ import annotations
 
+import random
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sidecar.models.tokenizer import train_tokenizer
 from sidecar.protocol.batch import TokenBatch, from_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2, ingest_pb2_grpc
 from sidecar.spec.identity import model_hash
@@ -264,3 +266,30 @@ def assert_matches_reference(
 def compile_cache_tag(worker) -> str | None:
     """Run on a worker (``collective_rpc``): what the probe added to vLLM's compile-cache key."""
     return worker.vllm_config.additional_config.get("circuitwatch")
+
+
+COMPONENTS = [
+    {"name": "l0h1", "kind": "head", "site": "blocks.0.attn.hook_z", "head": 1},
+    {"name": "l1h0", "kind": "head", "site": "blocks.1.attn.hook_z", "head": 0},
+    {"name": "resid", "kind": "direction", "site": "blocks.1.hook_resid_post", "direction": 128},
+    {"name": "mid", "kind": "direction", "site": "blocks.0.hook_resid_mid", "direction": 128},
+    {"name": "mlp", "kind": "direction", "site": "blocks.1.mlp.hook_post", "direction": 256},
+]
+CIRCUITS = [
+    {"name": "heads", "components": {"l0h1": 1.0, "l1h0": 0.5}},
+    {"name": "mixed", "components": {"l1h0": -1.0, "resid": 2.0, "mid": 1.0, "mlp": 0.5},
+     "bias": 0.25},
+]  # fmt: skip
+
+
+def tiny_model_and_spec(folder: Path) -> tuple[Path, Path]:
+    """The tiny random Llama, with a tokenizer so text prompts work, and a spec
+    with head and direction components on every kind of site and two circuits."""
+    model_dir = make_tiny_llama(folder / "model")
+    texts = [Path(random.__file__).read_text()]  # any fixed text will do
+    train_tokenizer(texts, vocab_size=VOCAB).save_pretrained(model_dir)
+    spec_path = write_spec(folder / "spec", model_dir, COMPONENTS)
+    doc = yaml.safe_load(spec_path.read_text())
+    doc["circuits"] = CIRCUITS
+    spec_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return model_dir, spec_path

@@ -1,0 +1,121 @@
+"""The two-process setup as operators run it: `circuitwatch serve` and vLLM's OpenAI-compatible
+server (default compiled mode) as separate processes, driven by the real `openai` client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from probe_engine_helpers import tiny_model_and_spec
+from prometheus_client.parser import text_string_to_metric_families
+
+ENGINE_START_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> str:
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def _wait_until(check, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: {proc.args[:4]} exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _samples(text: str, name: str) -> list:
+    families = text_string_to_metric_families(text)
+    return [s for family in families for s in family.samples if s.name == name]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("openai")
+    model, spec = tiny_model_and_spec(tmp)
+    listen = f"unix://{tmp}/ingest.sock"
+    metrics_port, api_port = _free_port(), _free_port()
+    logs = {name: open(tmp / f"{name}.log", "w") for name in ("sidecar", "vllm")}
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "sidecar.cli", "serve", "--spec", str(spec), "--listen", listen,
+         "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"],
+        stdout=logs["sidecar"], stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    env = dict(os.environ, CIRCUITWATCH_SPEC=str(spec), CIRCUITWATCH_ENDPOINT=listen)
+    vllm = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+         "--served-model-name", "reference", "--host", "127.0.0.1", "--port", str(api_port),
+         "--gpu-memory-utilization", "0.2", "--max-model-len", "512", "--max-num-seqs", "8"],
+        env=env, stdout=logs["vllm"], stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    procs = (sidecar, vllm)
+    try:
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        _wait_until(lambda: _get(metrics_url), 30, "sidecar /metrics", procs)
+        api = f"http://127.0.0.1:{api_port}"
+        _wait_until(lambda: _get(f"{api}/health") is not None, ENGINE_START_S, "vLLM", procs)
+        yield api, metrics_url
+    except AssertionError:
+        for name, log in logs.items():
+            log.flush()
+            print(f"--- {name} log ---\n{(tmp / f'{name}.log').read_text()[-4000:]}")
+        raise
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs.values():
+            log.close()
+
+
+def test_openai_client_requests_are_scored_by_the_sidecar(servers):
+    from openai import OpenAI
+
+    api, metrics_url = servers
+    client = OpenAI(base_url=f"{api}/v1", api_key="unused")
+    prompts = ["import os\nimport sys\n", "def main():"]
+    for prompt in prompts:
+        completion = client.completions.create(
+            model="reference", prompt=prompt, max_tokens=8, temperature=0.0
+        )
+        assert completion.choices[0].text is not None
+        assert completion.usage.completion_tokens > 0
+
+    def scored() -> bool:
+        text = _get(metrics_url)
+        done = _samples(text, "circuitwatch_requests_scored_total")
+        return sum(s.value for s in done if s.labels["finished_by"] == "engine") >= len(prompts)
+
+    _wait_until(scored, 30, "requests scored")
+    text = _get(metrics_url)
+    counts = [
+        s
+        for s in _samples(text, "circuitwatch_circuit_score_count")
+        if s.labels["circuit"] == "heads" and s.labels["aggregation"] == "mean"
+    ]
+    assert {s.labels["model_name"] for s in counts} == {"reference"}
+    assert sum(s.value for s in counts if s.labels["phase"] == "prompt") == len(prompts)
+    assert sum(s.value for s in _samples(text, "circuitwatch_tokens_sampled_total")) > 0
+    assert "vllm:" in _get(f"{api}/metrics")  # vLLM's own metrics still served alongside
