@@ -1,0 +1,1 @@
+"""Benchmarks of Circuitwatch: engine overhead (``overhead``) and sidecar ingest (``ingest``)."""

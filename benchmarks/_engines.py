@@ -1,0 +1,241 @@
+"""vLLM engines for the overhead benchmark: one per configuration, each with its own settings.
+
+The probe plugin reads ``CIRCUITWATCH_*`` when an engine's processes start, and those inherit
+this process's environment, so ``start_engine`` sets (or clears) them just before
+``LLM(...)``. Engine processes are spawned, not forked (``VLLM_WORKER_MULTIPROC_METHOD=
+spawn``, set by ``prepare_process``): a forked engine would inherit this process's loaded
+plugin state and ignore its own environment.
+
+Step latency: vLLM stamps each step's outputs in the engine core (``EngineCoreOutputs.
+timestamp``, CLOCK_MONOTONIC) when the step ends; ``StepClock`` reads those stamps as the
+front end receives them, so the gaps between consecutive stamps are the engine's step
+times, measured inside the engine, without front-end or IPC delays.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._models import BenchModel
+from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
+
+_GIB = 2**30
+
+
+def prepare_process() -> None:
+    """Environment every engine of this process needs; call before importing vLLM."""
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model / collective_rpc
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    enforce_eager: bool
+    spec: str | None = None  # "typical" | "every_layer": the plugin watches this spec
+    sample: str | None = None  # CIRCUITWATCH_SAMPLE; None keeps the plugin's default
+    naive_hooks: bool = False
+    target_ratio: float | None = None  # throughput vs the baseline must reach this
+
+    @property
+    def probed(self) -> bool:
+        return self.spec is not None
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int
+    prompt_tokens: int
+    max_tokens: int
+
+    def prompts(self, vocab_size: int) -> list[dict]:
+        """Fixed token-id prompts, a different one per request (so no prefix is shared)."""
+        rng = np.random.default_rng(0)
+        return [
+            {"prompt_token_ids": rng.integers(3, vocab_size - 1, self.prompt_tokens).tolist()}
+            for _ in range(self.batch)
+        ]
+
+    @property
+    def forward_tokens(self) -> int:
+        """Tokens the engine runs forward on per generate call (the last one is never fed)."""
+        return self.batch * (self.prompt_tokens + self.max_tokens - 1)
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "cpu" | "cuda"
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+    @classmethod
+    def detect(cls) -> Device:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda_alike():
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            return cls("cuda", torch.cuda.get_device_name(0), total, free)
+        meminfo = dict(
+            (line.split(":")[0], int(line.split()[1]) * 1024)
+            for line in Path("/proc/meminfo").read_text().splitlines()
+        )
+        return cls("cpu", "cpu", meminfo["MemTotal"], meminfo["MemAvailable"])
+
+    def wait_until_free(self, fraction: float = 0.9, timeout: float = 60.0) -> None:
+        """After an engine stopped: wait until the device's memory is back (GPU only)."""
+        if self.kind != "cuda":
+            return
+        import torch
+
+        deadline = time.monotonic() + timeout
+        while torch.cuda.mem_get_info()[0] < fraction * self.free_bytes:
+            if time.monotonic() > deadline:
+                return  # the next engine's own check reports what is missing
+            time.sleep(1.0)
+
+
+def kv_cache_bytes(model: BenchModel, workload: Workload) -> int:
+    """Room for every request's whole context twice over, at least 64 MiB."""
+    config = json.loads((model.path / "config.json").read_text())
+    width = 2 if config.get("torch_dtype") in ("bfloat16", "float16") else 4
+    shape = model.shape
+    per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.d_head * width
+    tokens = workload.batch * (workload.prompt_tokens + workload.max_tokens + 64)
+    return max(64 * 2**20, 2 * per_token * tokens)
+
+
+def engine_bytes(model: BenchModel, workload: Workload, device: Device) -> int:
+    """A generous estimate of one engine's memory: weights, KV cache, runtime."""
+    config = json.loads((model.path / "config.json").read_text())
+    width = 2 if config.get("torch_dtype") in ("bfloat16", "float16") else 4
+    runtime = (3 if device.kind == "cuda" else 2) * _GIB
+    return model.parameters * width + kv_cache_bytes(model, workload) + runtime
+
+
+class StepClock:
+    """Engine-core step stamps of one ``LLM``, read as its outputs arrive."""
+
+    def __init__(self, llm):
+        self.stamps: list[float] = []
+        core = llm.llm_engine.engine_core
+        receive = core.get_output
+
+        def get_output():
+            outputs = receive()
+            if outputs.outputs:
+                self.stamps.append(outputs.timestamp)
+            return outputs
+
+        core.get_output = get_output
+
+    def take(self) -> list[float]:
+        stamps, self.stamps = self.stamps, []
+        return stamps
+
+
+@dataclass
+class Engine:
+    config: Config
+    llm: object  # vllm.LLM
+    clock: StepClock
+    compilation: dict  # the compile settings vLLM settled on
+    start_seconds: float
+
+    def generate(self, prompts: list[dict], params) -> tuple[int, float, np.ndarray]:
+        """(output tokens, wall seconds of llm.generate, decode step times in seconds)."""
+        self.clock.take()
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return tokens, wall, np.diff(np.asarray(self.clock.take()))
+
+    def probe_stats(self):
+        from sidecar.probe.plugin import probe_stats
+
+        return self.llm.collective_rpc(probe_stats)
+
+    def flush_probes(self) -> bool:
+        from sidecar.probe.plugin import probe_flush
+
+        return all(self.llm.collective_rpc(probe_flush, args=(30.0,)))
+
+    def shutdown(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+
+
+def start_engine(
+    config: Config,
+    model: BenchModel,
+    workload: Workload,
+    device: Device,
+    spec_path: Path | None,
+    endpoint: str | None,
+    engines_at_once: int,
+) -> Engine:
+    """An ``LLM`` for ``config``; raises RuntimeError if its probes or hooks did not install."""
+    from vllm import LLM
+
+    for name in (ENV_SPEC, ENV_ENDPOINT, ENV_SAMPLE):
+        os.environ.pop(name, None)
+    if config.probed:
+        os.environ[ENV_SPEC] = str(spec_path)
+        os.environ[ENV_ENDPOINT] = str(endpoint)
+        if config.sample is not None:
+            os.environ[ENV_SAMPLE] = config.sample
+    kwargs = dict(
+        model=str(model.path),
+        skip_tokenizer_init=True,
+        seed=0,
+        enforce_eager=config.enforce_eager,
+        max_model_len=workload.prompt_tokens + workload.max_tokens,
+        max_num_seqs=workload.batch,
+        max_num_batched_tokens=max(2048, workload.batch * workload.prompt_tokens),
+        enable_prefix_caching=False,
+        kv_cache_memory_bytes=kv_cache_bytes(model, workload),
+    )
+    if model.dummy_weights:
+        kwargs["load_format"] = "dummy"
+    if device.kind == "cuda":
+        # The startup check wants free memory >= utilization x total, with the other
+        # engines of this run already resident.
+        share = engine_bytes(model, workload, device) / device.total_bytes
+        kwargs["gpu_memory_utilization"] = min(0.9, share, 0.9 / engines_at_once)
+    start = time.perf_counter()
+    try:
+        llm = LLM(**kwargs)
+    finally:
+        for name in (ENV_SPEC, ENV_ENDPOINT, ENV_SAMPLE):
+            os.environ.pop(name, None)
+    engine = Engine(config, llm, StepClock(llm), _compilation(llm), time.perf_counter() - start)
+    if config.probed and not all(s is not None for s in engine.probe_stats()):
+        engine.shutdown()
+        raise RuntimeError(f"{config.key}: the probes did not install (see the engine log)")
+    if config.naive_hooks:
+        from benchmarks._naive_hooks import install_naive_hooks
+
+        if not all(llm.apply_model(install_naive_hooks)):
+            engine.shutdown()
+            raise RuntimeError(f"{config.key}: the naive hooks did not install")
+    return engine
+
+
+def _compilation(llm) -> dict:
+    compilation = llm.llm_engine.vllm_config.compilation_config
+    return {
+        "mode": str(getattr(compilation, "mode", "")),
+        "cudagraph_mode": str(getattr(compilation, "cudagraph_mode", "")),
+    }
