@@ -79,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
     from sidecar.spec.load import SpecError, load_spec
 
     console = Console()
+    if not (args.model / "config.json").exists() or not args.spec.exists():
+        console.print(
+            f"[red]no model at {args.model} or no spec at {args.spec}[/red]: the bundled "
+            "reference model is made by `circuitwatch train-reference`; or pass --model/--spec"
+        )
+        return 2
     try:
         spec = load_spec(args.spec, model_dir=args.model)
     except SpecError as e:
@@ -107,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                     time.sleep(args.linger)
                 except KeyboardInterrupt:
                     pass
+            # Stop the engine first, so its stream to the sidecar closes before the server does.
+            llm.llm_engine.engine_core.shutdown()
     return 0
 
 
