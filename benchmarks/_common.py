@@ -179,12 +179,14 @@ class Table:
 def update_markdown_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path``.
 
-    Raises ValueError when the markers are missing, so a renamed section fails loudly
-    instead of results going nowhere.
+    A section not there yet (a new device label) is appended under a heading of its name.
     """
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = path.read_text()
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    if not pattern.search(text):
-        raise ValueError(f"{path}: no section {begin} ... {end}")
-    path.write_text(pattern.sub(lambda _: f"{begin}\n{body.strip()}\n{end}", text, count=1))
+    section = f"{begin}\n{body.strip()}\n{end}"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = f"{text.rstrip()}\n\n### {name}\n\n{section}\n"
+    path.write_text(text)

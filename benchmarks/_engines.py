@@ -124,24 +124,38 @@ def engine_bytes(model: BenchModel, workload: Workload, device: Device) -> int:
 
 
 class StepClock:
-    """Engine-core step stamps of one ``LLM``, read as its outputs arrive."""
+    """Engine-core step stamps of one ``LLM``, read as its outputs arrive.
+
+    Each stamp carries how many distinct requests had produced output by then: the engine
+    starts stepping while the front end is still adding requests, so the first steps of a
+    batch mix prefills with decodes, and only the steps after every request's first token
+    are pure decode steps.
+    """
 
     def __init__(self, llm):
-        self.stamps: list[float] = []
+        self.stamps: list[tuple[float, int]] = []
+        self._seen: set[str] = set()
         core = llm.llm_engine.engine_core
         receive = core.get_output
 
         def get_output():
             outputs = receive()
             if outputs.outputs:
-                self.stamps.append(outputs.timestamp)
+                self._seen.update(o.request_id for o in outputs.outputs)
+                self.stamps.append((outputs.timestamp, len(self._seen)))
             return outputs
 
         core.get_output = get_output
 
-    def take(self) -> list[float]:
-        stamps, self.stamps = self.stamps, []
+    def take(self) -> list[tuple[float, int]]:
+        stamps, self.stamps, self._seen = self.stamps, [], set()
         return stamps
+
+    def decode_steps(self, requests: int) -> np.ndarray:
+        """Durations of the pure decode steps since the last ``take`` (and take them)."""
+        stamps = self.take()
+        first = next((i for i, (_, seen) in enumerate(stamps) if seen >= requests), len(stamps))
+        return np.diff(np.asarray([t for t, _ in stamps[first:]], dtype=np.float64))
 
 
 @dataclass
@@ -159,7 +173,7 @@ class Engine:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        return tokens, wall, np.diff(np.asarray(self.clock.take()))
+        return tokens, wall, self.clock.decode_steps(len(prompts))
 
     def probe_stats(self):
         from sidecar.probe.plugin import probe_stats
@@ -235,7 +249,8 @@ def start_engine(
 
 def _compilation(llm) -> dict:
     compilation = llm.llm_engine.vllm_config.compilation_config
-    return {
-        "mode": str(getattr(compilation, "mode", "")),
-        "cudagraph_mode": str(getattr(compilation, "cudagraph_mode", "")),
-    }
+    settings = {}
+    for name in ("mode", "cudagraph_mode"):
+        value = getattr(compilation, name, None)
+        settings[name] = getattr(value, "name", str(value))
+    return settings

@@ -48,6 +48,7 @@ from benchmarks._common import (
     load_note,
     machine_info,
     percentiles,
+    to_jsonable,
     update_markdown_section,
     write_json,
 )
@@ -369,8 +370,16 @@ def _model_entry(run: Run, bench: Bench, mode: str, done: int, load: str) -> dic
         "model_flops_per_token": model.flops_per_token,
         "engines": mode,
         "load": load,
-        "configs": list(bench.results.values()),
+        "configs": [_summary(r) for r in bench.results.values()],
     }
+
+
+def _summary(result: ConfigResult) -> dict:
+    """The result as JSON values, its step times summarised (every step would be ~100 KB)."""
+    data = to_jsonable(result)
+    steps = data.pop("step_s")
+    data["decode_steps"] = {"count": len(steps), **percentiles(steps, (50, 90, 99, 100))}
+    return data
 
 
 def _report(run: Run, models: list[dict]) -> None:
@@ -382,7 +391,7 @@ def _report(run: Run, models: list[dict]) -> None:
         if run.output.is_file():
             earlier = json.loads(run.output.read_text()).get("models", [])
             kept = [m for m in earlier if m["model"] not in measured]
-        models = kept + models
+        models = sorted(kept + models, key=lambda m: (m["model"] != "reference", m["model"]))
         payload = {
             "benchmark": "overhead",
             "device": {"kind": run.device.kind, "name": run.device.name, "label": run.label},
