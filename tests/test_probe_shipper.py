@@ -20,6 +20,8 @@ from sidecar.protocol.circuitwatch.v1 import ingest_pb2_grpc
 class Step:
     """A drained step as the shipper sees it; ``gate`` holds its resolve until set."""
 
+    tokens = 3  # drops are counted in tokens, not steps
+
     def __init__(self, step: int, gate: threading.Event | None = None):
         self.step = step
         self.gate = gate
@@ -93,11 +95,11 @@ def test_full_queue_drops_the_oldest_and_counts_it(socket_path, shipper):
         for step in steps:
             shipper.submit(step)
         assert [s.discarded for s in steps] == [True] * 3 + [False] * 4
-        assert shipper.stats().dropped == {QUEUE_FULL: 3}
+        assert shipper.stats().dropped == {QUEUE_FULL: 3 * Step.tokens}
         gate.set()
         assert wait_until(lambda: len(server.batches) == 5)
         assert [b.step for b in server.batches] == [1, 5, 6, 7, 8]
-        assert server.batches[-1].dropped_total == {QUEUE_FULL: 3}
+        assert server.batches[-1].dropped_total == {QUEUE_FULL: 3 * Step.tokens}
     finally:
         server.stop()
 
@@ -110,7 +112,7 @@ def test_submit_never_blocks_while_the_sidecar_is_down(shipper):
     assert wait_until(lambda: shipper.stats().dropped.get(SIDECAR_UNAVAILABLE, 0) > 0)
     stats = shipper.stats()
     assert not stats.connected and stats.sent == 0
-    assert stats.dropped[QUEUE_FULL] + stats.dropped[SIDECAR_UNAVAILABLE] == 200
+    assert stats.dropped[QUEUE_FULL] + stats.dropped[SIDECAR_UNAVAILABLE] == 200 * Step.tokens
 
 
 def test_reconnects_when_the_sidecar_comes_back(socket_path, shipper):

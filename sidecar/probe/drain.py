@@ -80,7 +80,7 @@ class Drain:
         try:
             slot = self._free.get_nowait()
         except queue.Empty:
-            self.drops.add(DRAIN_BACKLOG)
+            self.drops.add(DRAIN_BACKLOG, n)
             return None
         for tap, host in zip(self.taps.taps, slot.values, strict=True):
             host[:n].copy_(tap.values[:n], non_blocking=True)
@@ -114,6 +114,7 @@ class PendingStep:
         self.step = step
         self.layout = layout
         self.finished = finished
+        self.tokens = layout.num_tokens
 
     def discard(self) -> None:
         if self._slot is not None:

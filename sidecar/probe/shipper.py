@@ -1,14 +1,14 @@
 """Ships drained steps to the sidecar without ever blocking the engine.
 
 Like OpenTelemetry's ``BatchSpanProcessor``: ``submit`` appends to a bounded deque and
-returns (when the deque is full the oldest step is dropped and counted, reason
+returns (when the deque is full the oldest step is dropped and its tokens counted, reason
 ``queue_full``); one daemon thread turns steps into ``SampleBatch`` messages and writes them
 to a gRPC client stream ``circuitwatch.v1.Ingest/Stream`` over a Unix socket or TCP. When
-the sidecar is unreachable or the stream breaks, the steps waiting are dropped and counted
-(``sidecar_unavailable``) and the thread reconnects with exponential backoff (0.1 s doubling
+the sidecar is unreachable or the stream breaks, the steps waiting are dropped and their tokens
+counted (``sidecar_unavailable``) and the thread reconnects with exponential backoff (0.1 s doubling
 to 5 s; only a stream that lasted resets it), so the sidecar can start, stop and restart
 under a running engine. Every message carries the cumulative drop counts by reason
-(``dropped_total``).
+(``dropped_total``), in tokens, which is what ``circuitwatch_samples_dropped_total`` counts.
 
 What is queued is any ``Shippable``: its ``resolve`` runs on the shipper thread, so waiting
 for a device copy and building arrays stay off the engine's hot path.
@@ -35,6 +35,8 @@ SIDECAR_UNAVAILABLE = "sidecar_unavailable"
 
 
 class Shippable(Protocol):
+    tokens: int  # what a drop of this item loses, in tokens
+
     def resolve(self) -> TokenBatch | None:
         """The batch to send (None: nothing to send); may wait for a device copy."""
 
@@ -43,7 +45,7 @@ class Shippable(Protocol):
 
 
 class DropCounts:
-    """Thread-safe cumulative counts of dropped steps, by reason."""
+    """Thread-safe cumulative counts of dropped tokens, by reason."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -62,7 +64,7 @@ class DropCounts:
 @dataclass(frozen=True)
 class ShipperStats:
     sent: int  # messages handed to the stream
-    dropped: dict[str, int]  # steps dropped, by reason
+    dropped: dict[str, int]  # tokens dropped, by reason
     queued: int
     connected: bool
     streams: int  # streams opened so far (1 + reconnects)
@@ -112,8 +114,9 @@ class Shipper:
                 item.discard()
                 return
             if len(self._queue) >= self._capacity:
-                self._queue.popleft().discard()
-                self.drops.add(QUEUE_FULL)
+                oldest = self._queue.popleft()
+                oldest.discard()
+                self.drops.add(QUEUE_FULL, oldest.tokens)
             self._queue.append(item)
             self._cond.notify()
 
@@ -200,7 +203,7 @@ class Shipper:
                 batch = item.resolve()
             except Exception:
                 logger.exception("circuitwatch: could not build a batch; dropped")
-                self.drops.add("resolve_error")
+                self.drops.add("resolve_error", item.tokens)
                 continue
             if batch is None:
                 continue
@@ -216,7 +219,7 @@ class Shipper:
             self._cond.notify_all()
         for item in items:
             item.discard()
-        self.drops.add(SIDECAR_UNAVAILABLE, len(items))
+        self.drops.add(SIDECAR_UNAVAILABLE, sum(item.tokens for item in items))
 
     def _sleep(self, seconds: float) -> None:
         with self._cond:
