@@ -25,6 +25,7 @@ import logging
 from typing import Any
 
 from sidecar.probe.config import ProbeConfig
+from sidecar.probe.cpus import remember_process_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def register() -> None:
         if config is None:
             return
         _log_like_vllm()
+        remember_process_cpus()
         from vllm.v1.worker.gpu_worker import Worker
 
         _wrap_worker(Worker, config)

@@ -27,6 +27,7 @@ import torch
 from sidecar.probe.adapters import CheckpointWeights, LlamaAdapter
 from sidecar.probe.attribution import StepLayout
 from sidecar.probe.config import ProbeConfig
+from sidecar.probe.cpus import spare_cpus
 from sidecar.probe.drain import BatchIdentity, Drain
 from sidecar.probe.shipper import DropCounts, Shipper, ShipperStats
 from sidecar.probe.taps import TapSet, install_taps
@@ -111,7 +112,9 @@ class WorkerProbe:
                     "tell probed graphs apart, set VLLM_DISABLE_COMPILE_CACHE=1"
                 )
         drops = DropCounts()
-        shipper = Shipper(config.endpoint, capacity=config.queue_size, drops=drops)
+        shipper = Shipper(
+            config.endpoint, capacity=config.queue_size, drops=drops, cpus=spare_cpus()
+        )
         identity = BatchIdentity(
             spec_hash=spec.hash,
             model_name=engine.model_name,

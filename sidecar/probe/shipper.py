@@ -25,6 +25,7 @@ from typing import Protocol
 
 import grpc
 
+from sidecar.probe.cpus import bind_current_thread
 from sidecar.protocol.batch import TokenBatch, to_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2_grpc
 
@@ -92,8 +93,10 @@ class Shipper:
         drops: DropCounts | None = None,
         backoff: Backoff | None = None,
         connect_timeout_s: float = 1.0,
+        cpus: frozenset[int] | None = None,
     ):
         self.endpoint = endpoint
+        self._cpus = cpus  # the thread's CPUs (see cpus.py); None: the creator's
         self.drops = drops or DropCounts()
         self._backoff = backoff or Backoff()
         self._connect_timeout_s = connect_timeout_s
@@ -143,6 +146,8 @@ class Shipper:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        # Before the first channel: gRPC's threads start from this one and inherit its CPUs.
+        bind_current_thread(self._cpus)
         delays = self._backoff.delays()
         while True:
             with self._cond:
