@@ -114,7 +114,10 @@ class PendingStep:
         self.step = step
         self.layout = layout
         self.finished = finished
-        self.tokens = layout.num_tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.layout.num_tokens
 
     def discard(self) -> None:
         if self._slot is not None:
