@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -19,15 +23,16 @@ from sidecar.models.tokenizer import train_tokenizer
 from sidecar.protocol.batch import TokenBatch, from_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2, ingest_pb2_grpc
 from sidecar.spec.identity import model_hash
+from sidecar.spec.load import load_spec
 from sidecar.spec.schema import CircuitSpec, ComponentKind
 from sidecar.spec.sites import Site, SiteKind
 
 VOCAB = 300
 
 
-def make_tiny_llama(model_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (d_model 128, 2 heads of 64, d_mlp 256) with weights large enough
-    (init std 0.1) that attention is far from uniform and component values far from zero."""
+def make_tiny_llama(model_dir: Path, seed: int = 0, init_std: float = 0.1) -> Path:
+    """A 2-layer Llama (d_model 128, 2 heads of 64, d_mlp 256), random. The default init std
+    (0.1) makes attention far from uniform and component values far from zero."""
     config = LlamaConfig(
         hidden_size=128,
         num_attention_heads=2,
@@ -37,7 +42,7 @@ def make_tiny_llama(model_dir: Path, seed: int = 0) -> Path:
         intermediate_size=256,
         vocab_size=VOCAB,
         max_position_embeddings=512,
-        initializer_range=0.1,
+        initializer_range=init_std,
         dtype=torch.float32,
     )
     torch.manual_seed(seed)
@@ -203,6 +208,48 @@ def start_engine(model_dir: Path, **kwargs):
 
 def stop_engine(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
+
+
+@dataclass(repr=False)
+class ProbedEngine:
+    """An engine with the plugin on, and what its batches are checked against."""
+
+    llm: object  # LLM's repr runs an RPC on the engine; pytest must not call it in a traceback
+    model_dir: Path
+    spec: CircuitSpec
+    socket_path: Path  # where the plugin sends its batches
+    server: CollectingServer | None  # listening there from before the engine starts, if asked
+
+    def __repr__(self) -> str:
+        return f"ProbedEngine({self.model_dir})"
+
+
+@contextmanager
+def probed_engine(
+    root: Path,
+    model_dir: Path,
+    components: list[dict],
+    collect: bool = True,
+    env: dict[str, str] | None = None,
+    **engine_kwargs,
+) -> Iterator[ProbedEngine]:
+    """Write a spec for ``components`` under ``root`` and serve ``model_dir`` with the plugin
+    on, sending to ``root / "ingest.sock"`` (where a collecting server listens if ``collect``);
+    ``env`` adds environment variables, ``engine_kwargs`` go to ``start_engine``."""
+    spec_path = write_spec(root / "spec", model_dir, components)
+    socket_path = root / "ingest.sock"
+    server = CollectingServer(socket_path, len(components)) if collect else None
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        engine_env(monkeypatch, spec_path, socket_path)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        llm = start_engine(model_dir, **engine_kwargs)
+        try:
+            yield ProbedEngine(llm, model_dir, load_spec(spec_path), socket_path, server)
+        finally:
+            if server is not None:
+                server.stop()
+            stop_engine(llm)
 
 
 def generate(llm, prompts: list[list[int]], max_tokens: int = 5):

@@ -7,28 +7,20 @@ weights, token by token, for requests of different lengths batched together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 from probe_engine_helpers import (
     CollectingServer,
     assert_matches_reference,
     compile_cache_tag,
-    engine_env,
     generate,
     make_tiny_llama,
-    start_engine,
-    stop_engine,
+    probed_engine,
     tokens_by_request,
     wait_for,
-    write_spec,
 )
 
 from sidecar.probe.plugin import probe_flush, probe_stats
 from sidecar.probe.shipper import SIDECAR_UNAVAILABLE
-from sidecar.spec.load import load_spec
-from sidecar.spec.schema import CircuitSpec
 
 pytestmark = pytest.mark.engine
 
@@ -76,33 +68,23 @@ class Sidecar:
             self.server = None
 
 
-@dataclass(repr=False)
-class Setup:
-    llm: object  # LLM's repr runs an RPC on the engine; pytest must not call it in a traceback
-    sidecar: Sidecar
-    model_dir: Path
-    spec: CircuitSpec
-
-    def __repr__(self) -> str:
-        return f"Setup({self.model_dir})"
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe_engine")
     model_dir = make_tiny_llama(root / "model")
-    spec_path = write_spec(root / "spec", model_dir, COMPONENTS)
-    sidecar = Sidecar(root / "ingest.sock", len(COMPONENTS))
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        engine_env(monkeypatch, spec_path, sidecar.socket_path)
-        llm = start_engine(model_dir, block_size=32)
-        yield Setup(llm, sidecar, model_dir, load_spec(spec_path))
-        sidecar.stop()
-        stop_engine(llm)
+    with probed_engine(root, model_dir, COMPONENTS, collect=False, block_size=32) as engine:
+        yield engine
 
 
-def test_compiled_engine_ships_what_transformers_computes(setup):
-    llm, sidecar, model_dir, spec = setup.llm, setup.sidecar, setup.model_dir, setup.spec
+@pytest.fixture(scope="module")
+def sidecar(setup):
+    sidecar = Sidecar(setup.socket_path, len(COMPONENTS))
+    yield sidecar
+    sidecar.stop()
+
+
+def test_compiled_engine_ships_what_transformers_computes(setup, sidecar):
+    llm, model_dir, spec = setup.llm, setup.model_dir, setup.spec
     server = sidecar.start()
     prompts = [list(range(5, 8)), list(range(20, 31)), list(range(40, 46))]
     outputs = generate(llm, prompts)
@@ -126,8 +108,8 @@ def test_compiled_engine_ships_what_transformers_computes(setup):
     assert wait_for(lambda: ids <= {r for b in server.batches for r in b.finished_request_ids})
 
 
-def test_prefix_cached_tokens_produce_no_samples(setup):
-    llm, sidecar = setup.llm, setup.sidecar
+def test_prefix_cached_tokens_produce_no_samples(setup, sidecar):
+    llm = setup.llm
     server = sidecar.start()
     prompt = list(range(100, 140))  # 40 tokens: one full 32-token block can be cached
     (first,) = generate(llm, [prompt], max_tokens=3)
@@ -138,8 +120,8 @@ def test_prefix_cached_tokens_produce_no_samples(setup):
     assert second.num_cached_tokens == 32
 
 
-def test_engine_serves_while_the_sidecar_is_down_and_reconnects(setup):
-    llm, sidecar, model_dir, spec = setup.llm, setup.sidecar, setup.model_dir, setup.spec
+def test_engine_serves_while_the_sidecar_is_down_and_reconnects(setup, sidecar):
+    llm, model_dir, spec = setup.llm, setup.model_dir, setup.spec
     sidecar.stop()
     (before,) = llm.collective_rpc(probe_stats)
     outputs = generate(llm, [list(range(60, 70)), list(range(70, 74))])

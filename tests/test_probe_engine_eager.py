@@ -3,24 +3,21 @@ and an engine given a spec that does not fit its model: it serves on, without pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from probe_engine_helpers import (
-    CollectingServer,
     assert_matches_reference,
     engine_env,
     generate,
     make_tiny_llama,
+    probed_engine,
     start_engine,
     stop_engine,
     write_spec,
 )
 
 from sidecar.probe.plugin import probe_flush, probe_stats
-from sidecar.spec.load import load_spec
-from sidecar.spec.schema import CircuitSpec
 
 pytestmark = pytest.mark.engine
 
@@ -31,34 +28,17 @@ COMPONENTS = [
 ]
 
 
-@dataclass(repr=False)
-class Setup:
-    llm: object  # LLM's repr runs an RPC on the engine; pytest must not call it in a traceback
-    server: CollectingServer
-    model_dir: Path
-    spec: CircuitSpec
-
-    def __repr__(self) -> str:
-        return f"Setup({self.model_dir})"
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("probe_eager") / "model")
 
 
 @pytest.fixture(scope="module")
-def setup(model_dir, tmp_path_factory):
-    root = model_dir.parent
-    spec_path = write_spec(root / "spec", model_dir, COMPONENTS)
-    socket_path = root / "ingest.sock"
-    server = CollectingServer(socket_path, len(COMPONENTS))
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        engine_env(monkeypatch, spec_path, socket_path)
-        llm = start_engine(model_dir, enforce_eager=True, async_scheduling=False)
-        yield Setup(llm, server, model_dir, load_spec(spec_path))
-        server.stop()
-        stop_engine(llm)
+def setup(model_dir):
+    with probed_engine(
+        model_dir.parent, model_dir, COMPONENTS, enforce_eager=True, async_scheduling=False
+    ) as engine:
+        yield engine
 
 
 def test_eager_engine_ships_what_transformers_computes(setup):

@@ -8,25 +8,11 @@ it. Both ranks ship the same token rows for the same step, which the sidecar joi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import pytest
-from probe_engine_helpers import (
-    CollectingServer,
-    assert_matches_reference,
-    engine_env,
-    generate,
-    make_tiny_llama,
-    start_engine,
-    stop_engine,
-    write_spec,
-)
+from probe_engine_helpers import assert_matches_reference, generate, make_tiny_llama, probed_engine
 
 from sidecar.probe.plugin import probe_flush, probe_stats
-from sidecar.spec.load import load_spec
-from sidecar.spec.schema import CircuitSpec
 
 pytestmark = pytest.mark.engine
 
@@ -44,31 +30,17 @@ COMPONENTS = [
 ]
 
 
-@dataclass(repr=False)
-class Setup:
-    llm: object  # LLM's repr runs an RPC on the engine; pytest must not call it in a traceback
-    server: CollectingServer
-    model_dir: Path
-    spec: CircuitSpec
-
-    def __repr__(self) -> str:
-        return f"Setup({self.model_dir})"
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe_tp")
-    model_dir = make_tiny_llama(root / "model")
-    spec_path = write_spec(root / "spec", model_dir, COMPONENTS)
-    socket_path = root / "ingest.sock"
-    server = CollectingServer(socket_path, len(COMPONENTS))
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        engine_env(monkeypatch, spec_path, socket_path)
-        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
-        llm = start_engine(model_dir, tensor_parallel_size=2)
-        yield Setup(llm, server, model_dir, load_spec(spec_path))
-        server.stop()
-        stop_engine(llm)
+    with probed_engine(
+        root,
+        make_tiny_llama(root / "model"),
+        COMPONENTS,
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per rank
+        tensor_parallel_size=2,
+    ) as engine:
+        yield engine
 
 
 def test_each_rank_ships_its_columns_for_the_same_rows(setup):
