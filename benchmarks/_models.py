@@ -17,9 +17,10 @@ Specs, both generated for the model at hand (``model_hash`` of its directory):
                 mlp.hook_post; 4 circuits.
 
 FLOPs per token (the physical limit of a probe): a direction over a site of width w costs
-2·w; a head read by norm 2·d_head·d_model + d_model (its contribution to the residual
-stream, then the norm). The model costs about 2·N, N its parameters without the input
-embedding table (a lookup, not a product); attention over the context is left out.
+2·w; a head read by norm 2·d_head² + 2·d_head (z_h·G_h with its Gram matrix
+G_h = W_O_hᵀW_O_h, then the dot product with z_h: the squared norm of its contribution).
+The model costs about 2·N, N its parameters without the input embedding table (a lookup,
+not a product); attention over the context is left out.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ def probe_cost(spec_path: Path, shape: ModelShape) -> ProbeCost:
     flops = 0.0
     for component in spec.components:
         if component.kind is ComponentKind.HEAD and component.direction is None:
-            flops += 2 * shape.d_head * shape.d_model + shape.d_model
+            flops += 2 * shape.d_head * shape.d_head + 2 * shape.d_head
         elif component.kind is ComponentKind.HEAD:
             flops += 2 * shape.d_head  # z_h . (W_O_h^T u): folded into one row at load time
         else:
