@@ -184,6 +184,17 @@ def test_incomplete_joins_time_out_or_overflow():
     assert len(joiner) == 1
 
 
+def test_steps_given_up_count_once_through_rank_zero():
+    # A missing rank 0 part means rank 0 dropped the step and counted it itself (or it is
+    # late and will count when its own wait expires): counting here too would count twice.
+    joiner = RankJoiner(timeout=1.0, max_pending=1)
+    joiner.add(rank_batch(1, 1, [2], [[3], [6], [9]]), 0.0)
+    assert joiner.add(rank_batch(1, 2, [2], [[3], [6], [9]]), 0.1).dropped == ()
+    assert joiner.expire(2.0) == []
+    joiner.add(rank_batch(0, 3, [0, 1], [[1, 2], [4, 5], [7, 8]]), 2.0)
+    assert [(d.reason, d.tokens) for d in joiner.expire(3.5)] == [("tp_join_timeout", 3)]
+
+
 def make_pipeline(**kwargs):
     spec = make_spec()
     registry = CollectorRegistry()

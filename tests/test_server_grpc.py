@@ -282,6 +282,9 @@ def test_tensor_parallel_ranks_are_joined_and_incomplete_steps_time_out(tmp_path
 
     rank0 = [rank(b, 0, [0, 2]) for b in full]
     rank1 = [rank(b, 1, [1]) for b in full]
+    # Both ranks lost the same earlier step: the tokens are counted once, from rank 0.
+    rank0[-1].dropped_total = {"queue_full": 4}
+    rank1[-1].dropped_total = {"queue_full": 4}
     lonely = rank(engine.batch([("gone", 0, PROMPT), ("gone", 1, PROMPT)]), 0, [0, 2])
     mismatched = rank(engine.batch([("tp2", 0, PROMPT)]), 1, [1])
     mismatched_peer = rank(engine.batch([("tp2", 5, PROMPT)]), 0, [0, 2])
@@ -307,6 +310,8 @@ def test_tensor_parallel_ranks_are_joined_and_incomplete_steps_time_out(tmp_path
     assert summary.batches_rejected == 1
     assert value(samples, "circuitwatch_ingest_errors_total", reason="tp_mismatch") == 1
     assert value(samples, "circuitwatch_samples_dropped_total", **dropped) == 2
+    queue_full = dict(model_name=MODEL, reason="queue_full")
+    assert value(samples, "circuitwatch_samples_dropped_total", **queue_full) == 4
 
 
 def test_health_reports_serving(tmp_path):

@@ -5,7 +5,8 @@ deserializer) so that an undecodable message is rejected and counted like any ot
 batch while its stream carries on. Each message is decoded with ``from_message``, checked
 against the server's spec hash, and handed to the ``Pipeline``; rejections are counted in
 ``circuitwatch_ingest_errors_total{reason}`` and logged at most once per interval per
-reason. The probe's cumulative ``dropped_total`` is turned into increments per stream.
+reason. The probe's cumulative ``dropped_total`` is turned into increments per stream
+(rank 0's only under tensor parallelism, see ``join.py``).
 """
 
 from __future__ import annotations
@@ -51,14 +52,12 @@ class SenderDrops:
     """Turns one sender's cumulative ``dropped_total`` counts into increments."""
 
     def __init__(self) -> None:
-        self._last: dict[tuple[str, int, str], int] = {}
+        self._last: dict[tuple[str, str], int] = {}
 
-    def increments(
-        self, model_name: str, rank: int, dropped_total: dict[str, int]
-    ) -> list[tuple[str, int]]:
+    def increments(self, model_name: str, dropped_total: dict[str, int]) -> list[tuple[str, int]]:
         result = []
         for reason, total in dropped_total.items():
-            key = (model_name, rank, reason)
+            key = (model_name, reason)
             last = self._last.get(key)
             if last is None and len(self._last) >= _MAX_DROP_KEYS:
                 continue
@@ -125,6 +124,7 @@ class IngestService:
                 f"batch from {batch.model_name!r} rank {batch.rank} was built for spec "
                 f"{batch.spec_hash!r}, this sidecar scores {self.spec_hash!r}",
             )
-        for reason, count in drops.increments(batch.model_name, batch.rank, batch.dropped_total):
-            metrics.drop(model_name, metrics.reason_label(reason), count)
+        if batch.rank == 0:  # the ranks drop the same tokens: count them once (see join.py)
+            for reason, count in drops.increments(batch.model_name, batch.dropped_total):
+                metrics.drop(model_name, metrics.reason_label(reason), count)
         self.pipeline.ingest(batch, now)

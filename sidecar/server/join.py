@@ -5,6 +5,12 @@ every rank sees the same sampled tokens in the same order. The ranks' batches fo
 step are therefore joined by stacking their columns side by side; the rows must agree,
 which is checked. A step waits at most ``timeout`` seconds for its missing ranks and at
 most ``max_pending`` steps wait at once; steps given up on are reported as dropped.
+
+Every rank sees the same tokens, so a lost step must be counted once, not once per rank.
+Rank 0 is the one that counts: the sidecar takes the probe's own drop counts from rank 0
+only (``IngestService``), and a step given up on here counts only if rank 0's part is in
+it. If rank 0's part is missing, rank 0 either dropped the step (and counted it) or its part
+is late, and then it starts a new wait that will count when it expires.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ class RankJoiner:
         if pending is None:
             if len(self._pending) >= self.max_pending:
                 oldest = next(iter(self._pending))
-                dropped = (_dropped(self._pending.pop(oldest), "tp_join_overflow"),)
+                dropped = _counted([self._pending.pop(oldest)], "tp_join_overflow")
             pending = self._pending[key] = _Pending(now, batch.world_size)
         if batch.rank in pending.parts:
             raise JoinError("tp_duplicate_rank", f"rank {batch.rank} sent step {batch.step} twice")
@@ -75,12 +81,16 @@ class RankJoiner:
     def expire(self, now: float) -> list[DroppedJoin]:
         """Give up on steps still missing ranks after ``timeout`` seconds."""
         stale = [k for k, p in self._pending.items() if p.created <= now - self.timeout]
-        return [_dropped(self._pending.pop(k), "tp_join_timeout") for k in stale]
+        return list(_counted([self._pending.pop(k) for k in stale], "tp_join_timeout"))
 
 
-def _dropped(pending: _Pending, reason: str) -> DroppedJoin:
-    part = next(iter(pending.parts.values()))
-    return DroppedJoin(part.model_name, reason, part.num_tokens)
+def _counted(given_up: list[_Pending], reason: str) -> tuple[DroppedJoin, ...]:
+    """The drops to count for steps given up on: those holding rank 0's part (see above)."""
+    return tuple(
+        DroppedJoin(p.parts[0].model_name, reason, p.parts[0].num_tokens)
+        for p in given_up
+        if 0 in p.parts
+    )
 
 
 def _merge(parts: list[TokenBatch]) -> TokenBatch:
