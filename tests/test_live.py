@@ -187,10 +187,6 @@ def test_auroc_counts_ties_as_half():
     assert _auroc([0.0], [1.0, -1.0]) == 0.5
 
 
-@pytest.mark.skipif(
-    not REFERENCE_SPEC.exists(),
-    reason="the bundled reference model and its induction spec are not trained yet (issue 2)",
-)
 def test_induction_circuit_separates_repeated_from_ordinary_text(tmp_path):
     from transformers import AutoTokenizer
 

@@ -7,7 +7,7 @@ can explain such attention. A previous-token head attends to the position right 
 query; it is measured on natural text. Both scores are mean attention weights, in [0, 1].
 
 Thresholds: a head is named when its score exceeds 0.4. Attention spread evenly over a
-75-240 token context gives each position under 0.02, so 0.4 means the head puts a large,
+100-120 token context gives each position under 0.02, so 0.4 means the head puts a large,
 specific share of its attention on the one position its role predicts, while a head that
 only partly does it (a BOS sink with a side job) stays out.
 """
@@ -26,8 +26,9 @@ from sidecar.models.tokenizer import special_ids
 
 INDUCTION_THRESHOLD = 0.4
 PREVIOUS_TOKEN_THRESHOLD = 0.4
-# Repeat lengths for evaluation: longer than every span the training inserted (5-60).
-EVAL_LENGTHS = (70, 120)
+# Repeat lengths for evaluation: longer than every span the training inserted (4-40), and
+# short enough that BOS + two copies fit the 128-token windows the model was trained on.
+EVAL_LENGTHS = (50, 60)
 EVAL_SEEDS = (1001, 1002)
 
 
@@ -110,7 +111,7 @@ def make_eval_set(
     lengths: Sequence[int] = EVAL_LENGTHS,
     seeds: Sequence[int] = EVAL_SEEDS,
     batch: int = 8,
-    natural_len: int = 256,
+    natural_len: int = 128,
 ) -> EvalSet:
     """Fresh random repeats (one batch per length and seed) and held-out natural windows."""
     specials = special_ids(tokenizer)

@@ -4,12 +4,18 @@ Natural text is the running interpreter's standard library (``*.py``, sorted by 
 site-packages and the codec tables in ``encodings`` left out, the latter because their
 periodic rows teach copying at fixed offsets); every 20th file is held out for evaluation.
 
-Training windows carry spans of *random* tokens, each inserted twice at random places, so the
-distance between the copies varies freely. A random span can only be predicted by copying from
-its first occurrence, which is what makes an induction head pay off. Around the spans sits
-either natural text (which also rewards a sharp previous-token head) or random filler tokens
-(which leave copying as the only thing to learn). Nothing repeats on a fixed schedule, so
-fixed positional offsets do not solve it.
+Three kinds of training window, one per stage of the curriculum (see ``train.py``):
+
+- skip-bigram windows of random tokens where each token repeats the one two places back half
+  of the time: predicting it rewards exactly a previous-token head (``skip_bigram_windows``);
+- random filler with one random span followed at once by its copy, at a random offset and of
+  random length, so the copy's distance varies freely (``two_copy_windows``): a random span
+  can only be predicted by copying from its first occurrence, which is what an induction head
+  does;
+- natural text with spans of random tokens inserted twice at random places
+  (``WindowSampler``).
+
+Nothing repeats on a fixed schedule, so fixed positional offsets do not solve any of them.
 """
 
 from __future__ import annotations
@@ -54,13 +60,13 @@ def encode_corpus(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> n
 
 @dataclass(frozen=True)
 class SpanConfig:
-    """How training windows are drawn."""
+    """How natural-text training windows are drawn."""
 
-    seq_len: int = 256  # tokens per window, BOS included
-    repeat_fraction: float = 0.75  # share of windows that carry repeated random spans
+    seq_len: int = 128  # tokens per window, BOS included
+    repeat_fraction: float = 0.5  # share of windows that carry repeated random spans
     max_spans: int = 2  # distinct spans per such window, each appearing twice
-    min_span: int = 5
-    max_span: int = 60  # evaluation uses longer spans (70, 120), never seen in training
+    min_span: int = 4
+    max_span: int = 40  # evaluation uses longer spans (50, 60), never seen in training
     natural: bool = True  # False: random filler tokens instead of natural text around the spans
 
 
@@ -133,6 +139,44 @@ class WindowSampler:
             previous_cut = cut
         pieces.append(text[previous_cut:])
         return np.concatenate(pieces).astype(np.int64), mask
+
+
+def skip_bigram_windows(
+    rng: np.random.Generator, pool: np.ndarray, bos_id: int, batch: int, seq_len: int
+) -> torch.Tensor:
+    """[batch, seq_len]: BOS + random tokens, each repeating the token two back with p=0.5."""
+    ids = rng.choice(pool, size=(batch, seq_len))
+    ids[:, 0] = bos_id
+    repeat = rng.random((batch, seq_len)) < 0.5
+    for t in range(3, seq_len):
+        ids[:, t] = np.where(repeat[:, t], ids[:, t - 2], ids[:, t])
+    return torch.from_numpy(ids).long()
+
+
+def two_copy_windows(
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    bos_id: int,
+    batch: int,
+    seq_len: int,
+    min_span: int,
+    max_span: int,
+) -> Batch:
+    """Random filler with a random span followed at once by its copy, at a random offset.
+
+    ``second_copy`` marks the copy's tokens after its first, the ones its first occurrence
+    predicts.
+    """
+    ids = rng.choice(pool, size=(batch, seq_len))
+    ids[:, 0] = bos_id
+    mask = np.zeros((batch, seq_len), dtype=bool)
+    for row in range(batch):
+        length = int(rng.integers(min_span, max_span + 1))
+        start = int(rng.integers(1, seq_len - 2 * length + 1))
+        copy = start + length
+        ids[row, copy : copy + length] = ids[row, start:copy]
+        mask[row, copy + 1 : copy + length] = True
+    return Batch(input_ids=torch.from_numpy(ids).long(), second_copy=torch.from_numpy(mask))
 
 
 def random_token_pool(vocab_size: int, special_ids: Sequence[int]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The reference model's tokenizer: a small byte-level BPE trained on the training text.
 
-Small on purpose (2048 entries): the induction tests draw random tokens from the whole
-vocabulary, and a small vocabulary keeps the model's embedding (and its file) small.
+Small on purpose (512 entries: the 256 bytes and 253 merges): the induction tests draw random
+tokens from the whole vocabulary, and the random token embeddings that the layer-1 heads
+match must stay distinguishable in a 256-wide residual stream.
 Every encoding starts with ``<s>`` (the post-processor adds it), as Llama's tokenizer does,
 so vLLM and Hugging Face feed the model the same ids for the same text prompt.
 """
@@ -17,7 +18,7 @@ BOS = "<s>"
 EOS = "</s>"
 PAD = "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2
-VOCAB_SIZE = 2048
+VOCAB_SIZE = 512
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:

@@ -1,11 +1,27 @@
 """Train the bundled reference model: a 2-layer Llama with an induction circuit.
 
 ``python -m sidecar.models.train --out DIR`` (or ``circuitwatch train-reference``) trains the
-tokenizer and the model from the interpreter's standard library plus repeated random spans
-(see ``data.py``) and saves both in ``DIR`` in Hugging Face format, ready for vLLM. Training
-runs a fixed number of steps from a fixed seed on 2 threads, so a re-run reproduces the
-bundled weights up to float noise (same interpreter, same torch); ``--minutes`` is only a
-safety cap, and a run it cuts short is reported as such.
+tokenizer and the model from the interpreter's standard library plus synthetic windows (see
+``data.py``) and saves both in ``DIR`` in Hugging Face format, ready for vLLM. Training runs a
+fixed number of steps from a fixed seed on 2 threads, so a re-run reproduces the bundled
+weights up to float noise (same interpreter, same torch); ``--minutes`` is only a safety cap,
+and a run it cuts short is reported as such.
+
+A curriculum of three stages with a switch after the first, because plain language-model
+training does not grow an induction head within this budget:
+
+1. ``previous_token``: skip-bigram windows with layer 1's attention and every MLP silenced and
+   only head 0 of layer 0 writing: that head becomes a previous-token head.
+2. At the switch, layer 0's output is scaled down to the embeddings' size. Stage 1 leaves it
+   ~10x larger than the token embedding (predicting the previous token has to outvote the
+   current one), and then layer 1 cannot read the current token for its query or the attended
+   token for its copy, and no induction head forms. The unembedding is re-initialised (stage 1
+   taught it to name the previous token), and layer 0 and the embeddings are frozen so that
+   the previous-token head stays as it is.
+3. ``copy``: random spans followed by their copy at random offsets; layer 1 becomes induction
+   heads within a few hundred steps.
+4. ``natural``: natural text with repeated random spans, so the model also predicts code and
+   ordinary text has a loss to compare ablations against.
 
 Every ``eval_every`` steps it logs the training loss, the loss on held-out natural text, and
 the best induction score (layer 1) and previous-token score (layer 0) on fresh repeats.
@@ -32,6 +48,7 @@ from sidecar.models.tokenizer import VOCAB_SIZE, special_ids, train_tokenizer
 
 DEFAULT_THREADS = 2
 REFERENCE_DIR = Path(__file__).with_name("reference")  # the bundled model this script made
+PREVIOUS_TOKEN_HEAD = 0  # the one layer-0 head stage 1 trains
 
 
 @dataclass(frozen=True)
@@ -40,63 +57,31 @@ class ModelShape:
     layers: int = 2
     heads: int = 4
     head_dim: int = 64  # vLLM's CPU attention kernel rejects smaller heads
-    intermediate: int = 768
+    intermediate: int = 512
     max_positions: int = 512
 
 
 @dataclass(frozen=True)
-class Stage:
-    """A stretch of training drawing its windows one way."""
-
-    steps: int
-    batch_size: int
-    spans: data.SpanConfig
-
-
-def default_stages() -> tuple[Stage, ...]:
-    return (
-        # Short windows of random tokens, one span repeated at a random distance: copying is
-        # the only thing to learn, and in 24 positions the layer-1 head finds the earlier copy
-        # fast (a long context dilutes that signal and stretches the plateau).
-        Stage(
-            1000,
-            64,
-            data.SpanConfig(
-                seq_len=24, repeat_fraction=1.0, max_spans=1, min_span=3, max_span=8, natural=False
-            ),
-        ),
-        # Natural text with repeated random spans at any distance: sharpens the previous-token
-        # head (code's bigram statistics reward it) and stretches copying to long distances.
-        Stage(
-            1500,
-            16,
-            data.SpanConfig(
-                seq_len=256, repeat_fraction=0.75, max_spans=2, min_span=5, max_span=60
-            ),
-        ),
-    )
-
-
-@dataclass(frozen=True)
 class TrainConfig:
-    stages: tuple[Stage, ...] = field(default_factory=default_stages)
-    lr: float = 1e-3
+    previous_token_steps: int = 300
+    previous_token_lr: float = 3e-3
+    previous_token_batch: tuple[int, int] = (32, 48)  # windows, tokens per window
+    copy_steps: int = 600
+    copy_batch: tuple[int, int] = (16, 128)
+    copy_spans: tuple[int, int] = (4, 40)  # evaluation repeats 50 and 60 tokens
+    natural_steps: int = 600
+    natural: data.SpanConfig = field(default_factory=data.SpanConfig)
+    natural_batch: int = 16
+    lr: float = 1e-3  # stages 2-3; the last stage decays it to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
     warmup: int = 50
-    min_lr_ratio: float = 0.1  # cosine over all stages decays to lr * min_lr_ratio
-    weight_decay: float = 0.01
+    init_std: float = 0.02
     eval_every: int = 100
     seed: int = 0
 
     @property
     def steps(self) -> int:
-        return sum(stage.steps for stage in self.stages)
-
-    def stage_at(self, step: int) -> Stage:
-        for stage in self.stages:
-            if step < stage.steps:
-                return stage
-            step -= stage.steps
-        return self.stages[-1]
+        return self.previous_token_steps + self.copy_steps + self.natural_steps
 
 
 @dataclass(frozen=True)
@@ -129,9 +114,9 @@ class LogEntry:
 
 
 def build_model(
-    vocab_size: int, bos_id: int, eos_id: int, shape: ModelShape, seed: int
+    vocab_size: int, bos_id: int, eos_id: int, shape: ModelShape, config: TrainConfig
 ) -> LlamaForCausalLM:
-    config = LlamaConfig(
+    llama = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
@@ -141,21 +126,80 @@ def build_model(
         head_dim=shape.head_dim,
         max_position_embeddings=shape.max_positions,
         rope_theta=10000.0,
-        tie_word_embeddings=True,
+        # Untied: stage 2 re-initialises the unembedding but keeps the embeddings.
+        tie_word_embeddings=False,
+        initializer_range=config.init_std,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=None,
         dtype="float32",
     )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    torch.manual_seed(config.seed)
+    return LlamaForCausalLM(llama)
+
+
+class _Silence:
+    """Stage 1's hooks: layer 1's attention, every MLP and all but one layer-0 head write 0."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        layers = model.model.layers
+        width = model.config.head_dim
+        start = PREVIOUS_TOKEN_HEAD * width
+
+        def only_head_zero(_module, args):
+            z = torch.zeros_like(args[0])
+            z[..., start : start + width] = args[0][..., start : start + width]
+            return (z,)
+
+        self.handles = [
+            layers[0].self_attn.o_proj.register_forward_pre_hook(only_head_zero),
+            layers[1].self_attn.register_forward_hook(
+                lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:])
+            ),
+            *(
+                layer.mlp.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+                for layer in layers
+            ),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def switch_to_copying(model: LlamaForCausalLM, ids: torch.Tensor, init_std: float) -> float:
+    """Stage 1 -> 2 (see the module docstring); returns layer 0's output/embedding norm ratio."""
+    attn0 = model.model.layers[0].self_attn
+    width = model.config.head_dim
+    start = PREVIOUS_TOKEN_HEAD * width
+    captured: list[torch.Tensor] = []
+    handle = attn0.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    with torch.no_grad():
+        columns = torch.ones(attn0.o_proj.weight.shape[1], dtype=torch.bool)
+        columns[start : start + width] = False
+        attn0.o_proj.weight[:, columns] = 0.0  # the heads stage 1 silenced stay silent
+        model(ids)
+        handle.remove()
+        ratio = (
+            captured[0][:, 1:].norm(dim=-1).mean()
+            / model.model.embed_tokens(ids)[:, 1:].norm(dim=-1).mean()
+        ).item()
+        attn0.o_proj.weight.div_(ratio)
+        model.lm_head.weight.normal_(0.0, init_std)
+        model.model.norm.weight.fill_(1.0)
+    for parameter in [*model.model.layers[0].parameters(), model.model.embed_tokens.weight]:
+        parameter.requires_grad_(False)
+    return ratio
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine down to ``lr * min_lr_ratio`` at the last step."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    """Stage 1: warmup then constant; stage 2: constant; stage 3: cosine to the floor."""
+    if step < config.previous_token_steps:
+        return config.previous_token_lr * min(1.0, (step + 1) / config.warmup)
+    step -= config.previous_token_steps + config.copy_steps
+    if step < 0:
+        return config.lr
+    progress = step / max(1, config.natural_steps - 1)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
@@ -166,8 +210,13 @@ def token_losses(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
 
 
+def _optimizer(model: PreTrainedModel, lr: float) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+
 def train_model(
-    model: PreTrainedModel,
+    model: LlamaForCausalLM,
     sampler: data.WindowSampler,
     config: TrainConfig,
     monitor: Callable[[PreTrainedModel], Reading] = lambda _: Reading(),
@@ -175,36 +224,43 @@ def train_model(
     stop_after: int | None = None,
     deadline: float | None = None,
 ) -> list[LogEntry]:
-    """Run ``config.steps`` AdamW steps (fewer with ``stop_after`` or past ``deadline``)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-    )
+    """Run the curriculum's ``config.steps`` steps (fewer with ``stop_after`` or ``deadline``)."""
+    rng, pool, bos = sampler.rng, sampler.random_ids, sampler.bos_id
+    silence: _Silence | None = _Silence(model)
+    optimizer = _optimizer(model, config.previous_token_lr)
     entries: list[LogEntry] = []
     losses: list[float] = []
     copy_losses: list[float] = []
     start = time.monotonic()
     model.train()
     for step in range(config.steps):
+        if step == config.previous_token_steps:
+            silence.remove()
+            silence = None
+            ids = data.skip_bigram_windows(rng, pool, bos, *config.previous_token_batch)
+            switch_to_copying(model, ids, config.init_std)
+            optimizer = _optimizer(model, config.lr)
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stage = config.stage_at(step)
-        batch = sampler.batch(stage.batch_size, stage.spans)
-        per_token = token_losses(model, batch.input_ids)
-        loss = per_token.mean()
+        if step < config.previous_token_steps:
+            ids = data.skip_bigram_windows(rng, pool, bos, *config.previous_token_batch)
+            copies = None
+        elif step < config.previous_token_steps + config.copy_steps:
+            batch = data.two_copy_windows(rng, pool, bos, *config.copy_batch, *config.copy_spans)
+            ids, copies = batch.input_ids, batch.second_copy[:, 1:]
+        else:
+            batch = sampler.batch(config.natural_batch, config.natural)
+            ids, copies = batch.input_ids, batch.second_copy[:, 1:]
+        per_token = token_losses(model, ids)
+        in_copy_stage = copies is not None and step < config.steps - config.natural_steps
+        loss = per_token[copies].mean() if in_copy_stage else per_token.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-        copies = batch.second_copy[:, 1:]
-        if copies.any():
+        if copies is not None and copies.any():
             copy_losses.append(per_token.detach()[copies].mean().item())
         last = step + 1 == config.steps
         cut = step + 1 == stop_after or (deadline is not None and time.monotonic() > deadline)
@@ -226,6 +282,8 @@ def train_model(
             log(entry)
         if cut:
             break
+    if silence is not None:  # stopped during stage 1
+        silence.remove()
     model.eval()
     return entries
 
@@ -296,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         train_corpus, len(tokenizer), special_ids(tokenizer), tokenizer.bos_token_id, config.seed
     )
     model = build_model(
-        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, shape, config.seed
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, shape, config
     )
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     deadline = started + 60 * args.minutes if args.minutes else None
