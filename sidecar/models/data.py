@@ -145,8 +145,7 @@ def skip_bigram_windows(
     rng: np.random.Generator, pool: np.ndarray, bos_id: int, batch: int, seq_len: int
 ) -> torch.Tensor:
     """[batch, seq_len]: BOS + random tokens, each repeating the token two back with p=0.5."""
-    ids = rng.choice(pool, size=(batch, seq_len))
-    ids[:, 0] = bos_id
+    ids = _random_rows(rng, pool, bos_id, batch, seq_len)
     repeat = rng.random((batch, seq_len)) < 0.5
     for t in range(3, seq_len):
         ids[:, t] = np.where(repeat[:, t], ids[:, t - 2], ids[:, t])
@@ -167,8 +166,7 @@ def two_copy_windows(
     ``second_copy`` marks the copy's tokens after its first, the ones its first occurrence
     predicts.
     """
-    ids = rng.choice(pool, size=(batch, seq_len))
-    ids[:, 0] = bos_id
+    ids = _random_rows(rng, pool, bos_id, batch, seq_len)
     mask = np.zeros((batch, seq_len), dtype=bool)
     for row in range(batch):
         length = int(rng.integers(min_span, max_span + 1))
@@ -177,6 +175,14 @@ def two_copy_windows(
         ids[row, copy : copy + length] = ids[row, start:copy]
         mask[row, copy + 1 : copy + length] = True
     return Batch(input_ids=torch.from_numpy(ids).long(), second_copy=torch.from_numpy(mask))
+
+
+def _random_rows(
+    rng: np.random.Generator, pool: np.ndarray, bos_id: int, batch: int, seq_len: int
+) -> np.ndarray:
+    ids = rng.choice(pool, size=(batch, seq_len))
+    ids[:, 0] = bos_id
+    return ids
 
 
 def random_token_pool(vocab_size: int, special_ids: Sequence[int]) -> np.ndarray:

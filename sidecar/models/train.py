@@ -83,6 +83,14 @@ class TrainConfig:
     def steps(self) -> int:
         return self.previous_token_steps + self.copy_steps + self.natural_steps
 
+    def stage_at(self, step: int) -> str:
+        """ "previous_token", "copy" or "natural"."""
+        if step < self.previous_token_steps:
+            return "previous_token"
+        if step < self.previous_token_steps + self.copy_steps:
+            return "copy"
+        return "natural"
+
 
 @dataclass(frozen=True)
 class Reading:
@@ -138,17 +146,22 @@ def build_model(
     return LlamaForCausalLM(llama)
 
 
+def _previous_token_columns(model: LlamaForCausalLM) -> slice:
+    """The columns of layer 0's ``o_proj`` input that belong to the previous-token head."""
+    width = model.config.head_dim
+    return slice(PREVIOUS_TOKEN_HEAD * width, (PREVIOUS_TOKEN_HEAD + 1) * width)
+
+
 class _Silence:
     """Stage 1's hooks: layer 1's attention, every MLP and all but one layer-0 head write 0."""
 
     def __init__(self, model: LlamaForCausalLM) -> None:
         layers = model.model.layers
-        width = model.config.head_dim
-        start = PREVIOUS_TOKEN_HEAD * width
+        head = _previous_token_columns(model)
 
         def only_head_zero(_module, args):
             z = torch.zeros_like(args[0])
-            z[..., start : start + width] = args[0][..., start : start + width]
+            z[..., head] = args[0][..., head]
             return (z,)
 
         self.handles = [
@@ -167,16 +180,14 @@ class _Silence:
             handle.remove()
 
 
-def switch_to_copying(model: LlamaForCausalLM, ids: torch.Tensor, init_std: float) -> float:
-    """Stage 1 -> 2 (see the module docstring); returns layer 0's output/embedding norm ratio."""
+def switch_to_copying(model: LlamaForCausalLM, ids: torch.Tensor, init_std: float) -> None:
+    """Stage 1 -> 2 (see the module docstring), measuring layer 0's output on ``ids``."""
     attn0 = model.model.layers[0].self_attn
-    width = model.config.head_dim
-    start = PREVIOUS_TOKEN_HEAD * width
     captured: list[torch.Tensor] = []
     handle = attn0.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
     with torch.no_grad():
         columns = torch.ones(attn0.o_proj.weight.shape[1], dtype=torch.bool)
-        columns[start : start + width] = False
+        columns[_previous_token_columns(model)] = False
         attn0.o_proj.weight[:, columns] = 0.0  # the heads stage 1 silenced stay silent
         model(ids)
         handle.remove()
@@ -189,16 +200,16 @@ def switch_to_copying(model: LlamaForCausalLM, ids: torch.Tensor, init_std: floa
         model.model.norm.weight.fill_(1.0)
     for parameter in [*model.model.layers[0].parameters(), model.model.embed_tokens.weight]:
         parameter.requires_grad_(False)
-    return ratio
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Stage 1: warmup then constant; stage 2: constant; stage 3: cosine to the floor."""
-    if step < config.previous_token_steps:
+    stage = config.stage_at(step)
+    if stage == "previous_token":
         return config.previous_token_lr * min(1.0, (step + 1) / config.warmup)
-    step -= config.previous_token_steps + config.copy_steps
-    if step < 0:
+    if stage == "copy":
         return config.lr
+    step -= config.previous_token_steps + config.copy_steps
     progress = step / max(1, config.natural_steps - 1)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
@@ -243,18 +254,18 @@ def train_model(
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if step < config.previous_token_steps:
+        stage = config.stage_at(step)
+        if stage == "previous_token":
             ids = data.skip_bigram_windows(rng, pool, bos, *config.previous_token_batch)
             copies = None
-        elif step < config.previous_token_steps + config.copy_steps:
+        elif stage == "copy":
             batch = data.two_copy_windows(rng, pool, bos, *config.copy_batch, *config.copy_spans)
             ids, copies = batch.input_ids, batch.second_copy[:, 1:]
         else:
             batch = sampler.batch(config.natural_batch, config.natural)
             ids, copies = batch.input_ids, batch.second_copy[:, 1:]
         per_token = token_losses(model, ids)
-        in_copy_stage = copies is not None and step < config.steps - config.natural_steps
-        loss = per_token[copies].mean() if in_copy_stage else per_token.mean()
+        loss = per_token[copies].mean() if stage == "copy" else per_token.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
