@@ -70,7 +70,7 @@ class EngineTraffic:
         batch = TokenBatch(
             spec_hash=self.spec_hash,
             model_name="bench",
-            step=self.step,
+            steps=(self.step,),
             component_ids=self.component_ids,
             request_ids=ids,
             request_index=self.request_index,

@@ -57,7 +57,7 @@ def requests_batch(step: int, names: list[str], spec_hash: str = SPEC_HASH) -> T
     return TokenBatch(
         spec_hash=spec_hash,
         model_name=MODEL,
-        step=step,
+        steps=(step,),
         component_ids=np.array([0], dtype=np.uint32),
         request_ids=names,
         request_index=np.array([i for i, _, _ in tokens], dtype=np.uint32),

@@ -73,7 +73,7 @@ def rows_of(phases: list[int]) -> TokenRows:
 
 def test_cap_keeps_generated_tokens_first_then_spreads_prompt_tokens():
     phases = [PROMPT] * 10 + [GENERATED] * 3 + [PROMPT] * 10
-    keep = SamplePolicy(cap=7).select(rows_of(phases), ["r"])
+    keep = SamplePolicy(cap=7).select(rows_of(phases), ["r"], [len(phases)])
     assert keep.shape == (7,) and np.all(np.diff(keep) > 0)
     assert set(range(10, 13)) <= set(keep.tolist())
     prompt_kept = [i for i in keep if phases[i] == PROMPT]
@@ -81,9 +81,16 @@ def test_cap_keeps_generated_tokens_first_then_spreads_prompt_tokens():
 
 
 def test_cap_above_the_step_keeps_everything_and_thins_generated_when_they_alone_exceed_it():
-    assert SamplePolicy(cap=50).select(rows_of([PROMPT] * 5), ["r"]).tolist() == [0, 1, 2, 3, 4]
-    keep = SamplePolicy(cap=4).select(rows_of([GENERATED] * 12), ["r"])
+    keep = SamplePolicy(cap=50).select(rows_of([PROMPT] * 5), ["r"], [5])
+    assert keep.tolist() == [0, 1, 2, 3, 4]
+    keep = SamplePolicy(cap=4).select(rows_of([GENERATED] * 12), ["r"], [12])
     assert keep.tolist() == [0, 3, 6, 9]
+
+
+def test_cap_applies_to_each_step_of_a_gathered_batch():
+    # Three steps of 12, 2 and 6 generated tokens, cap 4: the first and last are thinned.
+    keep = SamplePolicy(cap=4).select(rows_of([GENERATED] * 20), ["r"], [12, 2, 6])
+    assert keep.tolist() == [0, 3, 6, 9, 12, 13, 14, 15, 17, 18]
 
 
 def test_fraction_is_deterministic_per_token_whatever_the_batch():
@@ -91,14 +98,14 @@ def test_fraction_is_deterministic_per_token_whatever_the_batch():
     alone = TokenRows(
         np.zeros(400, np.uint32), np.arange(400, dtype=np.int32), np.zeros(400, np.uint8)
     )
-    kept_alone = set(alone.positions[policy.select(alone, ["req-a"])].tolist())
+    kept_alone = set(alone.positions[policy.select(alone, ["req-a"], [400])].tolist())
     # The same request's tokens, now second in a batch with another request.
     mixed = TokenRows(
         np.repeat(np.array([0, 1], np.uint32), 400),
         np.tile(np.arange(400, dtype=np.int32), 2),
         np.zeros(800, np.uint8),
     )
-    keep = policy.select(mixed, ["req-b", "req-a"])
+    keep = policy.select(mixed, ["req-b", "req-a"], [800])
     kept_mixed = set(mixed.positions[keep[mixed.request_index[keep] == 1]].tolist())
     assert kept_alone == kept_mixed
     assert 80 < len(kept_alone) < 160  # about 30% of 400
@@ -107,7 +114,7 @@ def test_fraction_is_deterministic_per_token_whatever_the_batch():
 
 
 def test_fraction_one_keeps_everything():
-    assert SamplePolicy(fraction=1.0).select(rows_of([0, 1, 0]), ["r"]).tolist() == [0, 1, 2]
+    assert SamplePolicy(fraction=1.0).select(rows_of([0, 1, 0]), ["r"], [3]).tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize(

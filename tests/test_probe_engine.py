@@ -94,10 +94,10 @@ def test_compiled_engine_ships_what_transformers_computes(setup, sidecar):
     batches = server.batches
     assert {b.spec_hash for b in batches} == {spec.hash}
     assert {(b.rank, b.world_size) for b in batches} == {(0, 1)}
-    steps = [b.step for b in batches]
+    steps = [s for b in batches for s in b.steps]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     # Several requests of different lengths shared forward passes.
-    assert any(len(b.request_ids) == 3 for b in batches)
+    assert any(len(step.request_ids) == 3 for b in batches for step in b.split_steps())
     (stats,) = llm.collective_rpc(probe_stats)
     assert sorted(stats.component_ids) == list(range(len(COMPONENTS)))
     # The taps are part of the compiled graph, so they are part of its cache key.

@@ -52,7 +52,10 @@ def test_each_rank_ships_its_columns_for_the_same_rows(setup):
     assert sorted(stats[0].component_ids) == [0, 2, 3]  # head 0, residual, MLP (all-reduced)
     assert sorted(stats[1].component_ids) == [1]  # head 1
     batches = setup.server.batches
-    by_rank = {rank: {b.step: b for b in batches if b.rank == rank} for rank in (0, 1)}
+    by_rank = {
+        rank: {s.steps[0]: s for b in batches if b.rank == rank for s in b.split_steps()}
+        for rank in (0, 1)
+    }
     assert by_rank[0].keys() == by_rank[1].keys() and by_rank[0]
     for step, first in by_rank[0].items():
         second = by_rank[1][step]

@@ -28,24 +28,35 @@ class Step:
         self.entered = threading.Event()
         self.discarded = False
 
-    def resolve(self) -> TokenBatch:
-        self.entered.set()
-        if self.gate is not None:
-            self.gate.wait(10)
-        return TokenBatch(
-            spec_hash="sha256:spec",
-            model_name="tiny",
-            step=self.step,
-            component_ids=np.array([0, 1], np.uint32),
-            request_ids=["r"],
-            request_index=np.zeros(1, np.uint32),
-            positions=np.array([self.step], np.int32),
-            phases=np.array([PROMPT], np.uint8),
-            values=np.array([[self.step, -self.step]], np.float32),
-        )
-
     def discard(self) -> None:
         self.discarded = True
+
+
+def resolve(steps: list[Step]) -> TokenBatch:
+    """One token per step, at position ``step``, valued (step, -step)."""
+    for step in steps:
+        step.entered.set()
+        if step.gate is not None:
+            step.gate.wait(10)
+    numbers = [s.step for s in steps]
+    n = len(numbers)
+    return TokenBatch(
+        spec_hash="sha256:spec",
+        model_name="tiny",
+        steps=tuple(numbers),
+        component_ids=np.array([0, 1], np.uint32),
+        request_ids=["r"],
+        request_index=np.zeros(n, np.uint32),
+        positions=np.array(numbers, np.int32),
+        phases=np.full(n, PROMPT, np.uint8),
+        values=np.array([[s, -s] for s in numbers], np.float32).reshape(n, 2),
+        step_tokens=(1,) * n,
+        step_finished=(0,) * n,
+    )
+
+
+def steps_of(batches: list[TokenBatch]) -> list[int]:
+    return [s for b in batches for s in b.steps]
 
 
 def wait_until(condition, timeout_s: float = 10.0) -> bool:
@@ -64,7 +75,7 @@ def socket_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def shipper(socket_path: Path):
-    shipper = Shipper(f"unix://{socket_path}", capacity=4, backoff=Backoff(0.05, 0.2))
+    shipper = Shipper(f"unix://{socket_path}", resolve, capacity=4, backoff=Backoff(0.05, 0.2))
     yield shipper
     shipper.close(timeout_s=2)
 
@@ -74,13 +85,46 @@ def test_steps_arrive_in_order_with_their_values(socket_path, shipper):
     try:
         for step in range(1, 4):
             shipper.submit(Step(step))
-        assert wait_until(lambda: len(server.batches) == 3)
+        assert wait_until(lambda: len(steps_of(server.batches)) == 3)
         batches = server.batches
-        assert [b.step for b in batches] == [1, 2, 3]
-        assert batches[2].values.tolist() == [[3.0, -3.0]]
+        assert steps_of(batches) == [1, 2, 3]
+        assert np.concatenate([b.values for b in batches]).tolist()[2] == [3.0, -3.0]
         assert batches[0].dropped_total == {}
-        assert shipper.stats().sent == 3 and shipper.stats().connected
+        assert shipper.stats().sent == len(batches) and shipper.stats().connected
     finally:
+        server.stop()
+
+
+def test_steps_are_gathered_into_messages_of_at_most_max_tokens(socket_path):
+    server = CollectingServer(socket_path, num_components=2)
+    shipper = Shipper(f"unix://{socket_path}", resolve, capacity=64, linger_s=0.2, max_tokens=9)
+    try:
+        for step in range(1, 21):
+            shipper.submit(Step(step))
+        assert wait_until(lambda: len(steps_of(server.batches)) == 20)
+        assert steps_of(server.batches) == list(range(1, 21))
+        # 3 tokens per step, at most 9 per message: 3 steps per message, the last 2.
+        assert [len(b.steps) for b in server.batches] == [3] * 6 + [2]
+        assert shipper.stats().sent == 7
+    finally:
+        shipper.close(timeout_s=2)
+        server.stop()
+
+
+def test_a_step_waits_at_most_the_linger_before_it_is_sent(socket_path):
+    server = CollectingServer(socket_path, num_components=2)
+    shipper = Shipper(f"unix://{socket_path}", resolve, linger_s=0.3)
+    try:
+        shipper.submit(Step(1))  # connects first: the next step meets an open stream
+        assert wait_until(lambda: steps_of(server.batches) == [1])
+        submitted = time.monotonic()
+        shipper.submit(Step(2))
+        time.sleep(0.15)
+        assert steps_of(server.batches) == [1]  # still gathering
+        assert wait_until(lambda: steps_of(server.batches) == [1, 2], timeout_s=5)
+        assert 0.25 < time.monotonic() - submitted < 2.0
+    finally:
+        shipper.close(timeout_s=2)
         server.stop()
 
 
@@ -97,8 +141,8 @@ def test_full_queue_drops_the_oldest_and_counts_it(socket_path, shipper):
         assert [s.discarded for s in steps] == [True] * 3 + [False] * 4
         assert shipper.stats().dropped == {QUEUE_FULL: 3 * Step.tokens}
         gate.set()
-        assert wait_until(lambda: len(server.batches) == 5)
-        assert [b.step for b in server.batches] == [1, 5, 6, 7, 8]
+        assert wait_until(lambda: len(steps_of(server.batches)) == 5)
+        assert steps_of(server.batches) == [1, 5, 6, 7, 8]
         assert server.batches[-1].dropped_total == {QUEUE_FULL: 3 * Step.tokens}
     finally:
         server.stop()
@@ -118,7 +162,7 @@ def test_submit_never_blocks_while_the_sidecar_is_down(shipper):
 def test_reconnects_when_the_sidecar_comes_back(socket_path, shipper):
     server = CollectingServer(socket_path, num_components=2)
     shipper.submit(Step(1))
-    assert wait_until(lambda: len(server.batches) == 1)
+    assert wait_until(lambda: steps_of(server.batches) == [1])
     server.stop()
     # Down: what is submitted now is dropped as unavailable, the engine is never blocked.
     for step in range(2, 6):
@@ -130,7 +174,7 @@ def test_reconnects_when_the_sidecar_comes_back(socket_path, shipper):
     server = CollectingServer(socket_path, num_components=2)
     try:
         shipper.submit(Step(10))
-        assert wait_until(lambda: [b.step for b in server.batches][-1:] == [10])
+        assert wait_until(lambda: steps_of(server.batches)[-1:] == [10])
         stats = shipper.stats()
         assert stats.streams >= 2
         assert (
@@ -144,11 +188,14 @@ def test_reconnects_when_the_sidecar_comes_back(socket_path, shipper):
 def test_close_sends_what_is_queued(socket_path):
     server = CollectingServer(socket_path, num_components=2)
     try:
-        shipper = Shipper(f"unix://{socket_path}", capacity=16)
+        # A long linger: close must not wait for it.
+        shipper = Shipper(f"unix://{socket_path}", resolve, capacity=16, linger_s=30.0)
         for step in range(1, 6):
             shipper.submit(Step(step))
+        started = time.monotonic()
         shipper.close(timeout_s=5)
-        assert [b.step for b in server.batches] == [1, 2, 3, 4, 5]
+        assert time.monotonic() - started < 4
+        assert steps_of(server.batches) == [1, 2, 3, 4, 5]
         late = Step(6)
         shipper.submit(late)
         assert late.discarded

@@ -1,5 +1,6 @@
 """Per-request aggregation, rank joining and the synchronous pipeline, without a network."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.protocol.batch import GENERATED, PROMPT, TokenBatch
-from sidecar.server.join import JoinError, RankJoiner
+from sidecar.server.join import RankJoiner
 from sidecar.server.metrics import SidecarMetrics
 from sidecar.server.pipeline import Pipeline, Rejected
 from sidecar.server.records import CollectingSink
@@ -139,7 +140,7 @@ def rank_batch(rank, step, ids, values, world_size=2, positions=(0, 1, 2), finis
     return TokenBatch(
         spec_hash="sha256:" + "1" * 64,
         model_name="tiny",
-        step=step,
+        steps=(step,),
         component_ids=np.array(ids, dtype=np.uint32),
         request_ids=["x", "y"],
         request_index=np.array([0, 0, 1][:n], dtype=np.uint32),
@@ -152,25 +153,65 @@ def rank_batch(rank, step, ids, values, world_size=2, positions=(0, 1, 2), finis
     )
 
 
+def gathered(*steps: TokenBatch) -> TokenBatch:
+    """One-step batches of one rank as its probe gathers them into one message."""
+    names = list(dict.fromkeys(r for b in steps for r in b.request_ids))
+    return replace(
+        steps[0],
+        steps=tuple(s for b in steps for s in b.steps),
+        request_ids=names,
+        request_index=np.concatenate(
+            [np.array([names.index(b.request_ids[i]) for i in b.request_index]) for b in steps]
+        ).astype(np.uint32),
+        positions=np.concatenate([b.positions for b in steps]),
+        phases=np.concatenate([b.phases for b in steps]),
+        values=np.concatenate([b.values for b in steps]),
+        finished_request_ids=[r for b in steps for r in b.finished_request_ids],
+        step_tokens=tuple(b.num_tokens for b in steps),
+        step_finished=tuple(len(b.finished_request_ids) for b in steps),
+    )
+
+
 def test_ranks_are_joined_by_step_whatever_the_arrival_order():
     joiner = RankJoiner(timeout=1.0)
-    assert joiner.add(rank_batch(1, 7, [2], [[3], [6], [9]], finished=["y"]), 0.0).joined is None
-    joined = joiner.add(rank_batch(0, 7, [0, 1], [[1, 2], [4, 5], [7, 8]]), 0.1).joined
+    assert joiner.add(rank_batch(1, 7, [2], [[3], [6], [9]], finished=["y"]), 0.0).joined == []
+    (joined,) = joiner.add(rank_batch(0, 7, [0, 1], [[1, 2], [4, 5], [7, 8]]), 0.1).joined
     assert joined.component_ids.tolist() == [0, 1, 2]
     assert joined.values.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert joined.finished_request_ids == ["y"]
     assert len(joiner) == 0
 
 
-def test_join_refuses_disagreeing_ranks_and_duplicates():
+def test_ranks_that_gather_steps_differently_are_still_joined_step_by_step():
+    joiner = RankJoiner(timeout=1.0)
+    # Rank 0 sends steps 1 and 2 in one message (step 2 only has request y and finishes x)...
+    step_1 = rank_batch(0, 1, [0], [[1], [2], [3]])
+    step_2 = rank_batch(0, 2, [0], [[4]], positions=(3,), finished=["x"])
+    step_2.request_index[:] = 1
+    assert joiner.add(gathered(step_1, step_2), 0.0).joined == []
+    # ...rank 1 sends them one at a time.
+    (first,) = joiner.add(rank_batch(1, 1, [1], [[10], [20], [30]]), 0.1).joined
+    assert first.steps == (1,) and first.values.tolist() == [[1, 10], [2, 20], [3, 30]]
+    assert first.finished_request_ids == []
+    step_2_rank_1 = rank_batch(1, 2, [1], [[40]], positions=(3,))
+    step_2_rank_1.request_index[:] = 1
+    (second,) = joiner.add(gathered(step_2_rank_1), 0.2).joined
+    assert second.steps == (2,) and second.request_ids == ["y"]
+    assert second.values.tolist() == [[4, 40]] and second.finished_request_ids == ["x"]
+    assert len(joiner) == 0
+
+
+def test_join_refuses_disagreeing_ranks_and_duplicates_but_keeps_the_other_steps():
     joiner = RankJoiner(timeout=1.0)
     joiner.add(rank_batch(0, 1, [0], [[1], [2], [3]]), 0.0)
-    with pytest.raises(JoinError, match="twice") as duplicate:
-        joiner.add(rank_batch(0, 1, [0], [[1], [2], [3]]), 0.0)
-    assert duplicate.value.reason == "tp_duplicate_rank"
-    with pytest.raises(JoinError, match="differ") as mismatch:
-        joiner.add(rank_batch(1, 1, [1], [[1], [2], [3]], positions=(0, 1, 5)), 0.0)
-    assert mismatch.value.reason == "tp_mismatch"
+    (duplicate,) = joiner.add(rank_batch(0, 1, [0], [[1], [2], [3]]), 0.0).errors
+    assert duplicate.reason == "tp_duplicate_rank" and "twice" in str(duplicate)
+    joiner.add(rank_batch(0, 2, [0], [[1], [2], [3]]), 0.0)
+    bad_1 = rank_batch(1, 1, [1], [[1], [2], [3]], positions=(0, 1, 5))
+    outcome = joiner.add(gathered(bad_1, rank_batch(1, 2, [1], [[1], [2], [3]])), 0.0)
+    (mismatch,) = outcome.errors
+    assert mismatch.reason == "tp_mismatch" and "differ" in str(mismatch)
+    assert [b.steps for b in outcome.joined] == [(2,)]
 
 
 def test_incomplete_joins_time_out_or_overflow():
@@ -189,7 +230,7 @@ def test_steps_given_up_count_once_through_rank_zero():
     # late and will count when its own wait expires): counting here too would count twice.
     joiner = RankJoiner(timeout=1.0, max_pending=1)
     joiner.add(rank_batch(1, 1, [2], [[3], [6], [9]]), 0.0)
-    assert joiner.add(rank_batch(1, 2, [2], [[3], [6], [9]]), 0.1).dropped == ()
+    assert joiner.add(rank_batch(1, 2, [2], [[3], [6], [9]]), 0.1).dropped == []
     assert joiner.expire(2.0) == []
     joiner.add(rank_batch(0, 3, [0, 1], [[1, 2], [4, 5], [7, 8]]), 2.0)
     assert [(d.reason, d.tokens) for d in joiner.expire(3.5)] == [("tp_join_timeout", 3)]

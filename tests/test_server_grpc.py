@@ -65,7 +65,7 @@ class Engine:
         fields = dict(
             spec_hash=SPEC_HASH,
             model_name=MODEL,
-            step=self.step,
+            steps=(self.step,),
             component_ids=self.component_ids,
             request_ids=request_ids,
             request_index=np.array([request_ids.index(r) for r, _, _ in tokens], dtype=np.uint32),
@@ -288,7 +288,7 @@ def test_tensor_parallel_ranks_are_joined_and_incomplete_steps_time_out(tmp_path
     lonely = rank(engine.batch([("gone", 0, PROMPT), ("gone", 1, PROMPT)]), 0, [0, 2])
     mismatched = rank(engine.batch([("tp2", 0, PROMPT)]), 1, [1])
     mismatched_peer = rank(engine.batch([("tp2", 5, PROMPT)]), 0, [0, 2])
-    mismatched_peer.step = mismatched.step
+    mismatched_peer.steps = mismatched.steps
     dropped = dict(model_name=MODEL, reason="tp_join_timeout")
     with start(tmp_path, sinks=[sink], join_timeout=1.0) as sidecar:
         summaries = [send(sidecar.address, rank1), send(sidecar.address, rank0)]

@@ -112,8 +112,12 @@ class SamplePolicy:
                 f"or a per-step token cap such as '256' ({e})"
             ) from None
 
-    def select(self, rows: TokenRows, req_ids: list[str]) -> np.ndarray:
-        """Indices of the rows to keep, ascending."""
+    def select(self, rows: TokenRows, req_ids: list[str], step_sizes: list[int]) -> np.ndarray:
+        """Indices of the rows to keep, ascending.
+
+        ``rows`` are the rows of consecutive steps, ``step_sizes`` how many each has: a cap
+        applies to each step on its own.
+        """
         n = rows.positions.shape[0]
         if self.fraction is not None:
             if self.fraction >= 1.0:
@@ -123,12 +127,24 @@ class SamplePolicy:
                 (keys[rows.request_index] << np.uint64(32)) | rows.positions.astype(np.uint64)
             )
             return np.flatnonzero(unit < self.fraction)
-        if n <= self.cap:
+        if max(step_sizes, default=0) <= self.cap:
             return np.arange(n)
-        generated = np.flatnonzero(rows.phases == GENERATED)
+        starts = np.cumsum([0, *step_sizes[:-1]])
+        return np.concatenate(
+            [
+                start + self._capped(rows.phases[start : start + size])
+                for start, size in zip(starts.tolist(), step_sizes, strict=True)
+            ]
+        )
+
+    def _capped(self, phases: np.ndarray) -> np.ndarray:
+        """At most ``cap`` of one step's rows: generated tokens first, then prompt tokens spread."""
+        if phases.shape[0] <= self.cap:
+            return np.arange(phases.shape[0])
+        generated = np.flatnonzero(phases == GENERATED)
         if generated.shape[0] >= self.cap:
             return generated[_spread(generated.shape[0], self.cap)]
-        prompt = np.flatnonzero(rows.phases == PROMPT)
+        prompt = np.flatnonzero(phases == PROMPT)
         keep = prompt[_spread(prompt.shape[0], self.cap - generated.shape[0])]
         return np.sort(np.concatenate([generated, keep]))
 

@@ -5,6 +5,8 @@
     CIRCUITWATCH_SAMPLE      tokens to ship per step: a fraction ``"0.25"`` or a cap ``"256"``
                              (default ``"512"``, see ``sidecar.probe.attribution``)
     CIRCUITWATCH_QUEUE_SIZE  steps the shipper may hold while the sidecar is slow (default 256)
+    CIRCUITWATCH_LINGER_MS   how long the shipper gathers steps into one message (default 50):
+                             longer costs the engine less and delays the metrics more
 
 vLLM starts its engine processes with the environment of the process that launched it, so
 these must be set before the engine starts.
@@ -13,9 +15,10 @@ these must be set before the engine starts.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sidecar.probe.attribution import DEFAULT_SAMPLE, SamplePolicy
 
@@ -23,7 +26,9 @@ ENV_SPEC = "CIRCUITWATCH_SPEC"
 ENV_ENDPOINT = "CIRCUITWATCH_ENDPOINT"
 ENV_SAMPLE = "CIRCUITWATCH_SAMPLE"
 ENV_QUEUE_SIZE = "CIRCUITWATCH_QUEUE_SIZE"
+ENV_LINGER_MS = "CIRCUITWATCH_LINGER_MS"
 DEFAULT_QUEUE_SIZE = 256
+DEFAULT_LINGER_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,13 @@ class ProbeConfig:
     endpoint: str
     sample: SamplePolicy = SamplePolicy.parse(DEFAULT_SAMPLE)
     queue_size: int = DEFAULT_QUEUE_SIZE
+    linger_ms: float = DEFAULT_LINGER_MS
 
     def __post_init__(self):
         if not self.endpoint.strip():
             raise ValueError("endpoint is empty: expected unix:///path/to.sock or host:port")
-        if self.queue_size < 1:
-            raise ValueError(f"queue size {self.queue_size} is not >= 1")
+        _check_queue_size(self.queue_size)
+        _check_linger_ms(self.linger_ms)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProbeConfig | None:
@@ -56,12 +62,27 @@ class ProbeConfig:
             sample = SamplePolicy.parse(env.get(ENV_SAMPLE, DEFAULT_SAMPLE))
         except ValueError as e:
             raise ValueError(f"{ENV_SAMPLE}: {e}") from None
-        queue_text = env.get(ENV_QUEUE_SIZE, str(DEFAULT_QUEUE_SIZE))
-        try:
-            queue_size = int(queue_text)
-        except ValueError:
-            raise ValueError(f"{ENV_QUEUE_SIZE}: {queue_text!r} is not an integer") from None
-        try:
-            return cls(Path(spec), endpoint, sample, queue_size)
-        except ValueError as e:
-            raise ValueError(f"{ENV_QUEUE_SIZE}: {e}") from None
+        queue_size = _parse(env, ENV_QUEUE_SIZE, DEFAULT_QUEUE_SIZE, int, _check_queue_size)
+        linger_ms = _parse(env, ENV_LINGER_MS, DEFAULT_LINGER_MS, float, _check_linger_ms)
+        return cls(Path(spec), endpoint, sample, queue_size, linger_ms)
+
+
+def _check_queue_size(steps: int) -> None:
+    if steps < 1:
+        raise ValueError(f"queue size {steps} is not >= 1")
+
+
+def _check_linger_ms(ms: float) -> None:
+    if not 0.0 <= ms <= 10_000.0:
+        raise ValueError(f"linger {ms} ms is not in [0, 10000]")
+
+
+def _parse(env: Mapping[str, str], name: str, default, kind: type, check: Callable) -> Any:
+    """``env[name]`` (else ``default``) as ``kind``; ValueError naming ``name`` if malformed."""
+    text = env.get(name, str(default))
+    try:
+        value = kind(text)
+        check(value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {text!r} is not valid: {e}") from None
+    return value

@@ -2,31 +2,35 @@
 
 ``Drain.collect`` runs on the engine thread once per step, after the model runner launched
 the forward. It copies the first ``num_tokens`` rows of every tap buffer and of the
-position buffer (padding rows never leave the device) and returns a ``PendingStep``
-carrying those copies and the step's metadata. Everything else — waiting for the copy,
-attribution, sampling, building the ``TokenBatch`` — happens in ``PendingStep.resolve`` on
-the shipper's thread.
+position buffer (padding rows never leave the device) into a span of the ``HostRing`` and
+returns a ``PendingStep``: that span and the step's metadata. Everything else (waiting for
+the copy, attribution, sampling, building the ``TokenBatch``) happens in ``Drain.resolve``
+on the shipper's thread, once for all the steps that go into one message.
 
-On a GPU the copy goes to pinned host memory with ``non_blocking=True`` on the current
-stream, followed by a CUDA event; ``resolve`` waits on that event. The pinned memory comes
-from a small pool of slots: when every slot is still in flight the step is dropped and
-counted (``drain_backlog``) rather than waiting. On a CPU the copy is a plain copy.
+On a GPU the ring is pinned host memory, the copies are ``non_blocking`` on the current
+stream and a CUDA event fences them; ``resolve`` waits on that event. When the ring has no
+room (the shipper is far behind) the step is dropped and counted (``drain_backlog``)
+rather than waiting. On a CPU the copies are plain copies.
 """
 
 from __future__ import annotations
 
-import queue
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sidecar.probe.attribution import SamplePolicy, StepLayout, attribute, external_request_id
+from sidecar.probe.ring import HostRing, Span
 from sidecar.probe.shipper import DropCounts
 from sidecar.probe.taps import TapSet
 from sidecar.protocol.batch import TokenBatch
 
 DRAIN_BACKLOG = "drain_backlog"
+
+# A request appears in every step it runs in: strip its engine suffix once, not every step.
+_external_request_id = functools.lru_cache(maxsize=8192)(external_request_id)
 
 
 @dataclass(frozen=True)
@@ -40,17 +44,6 @@ class BatchIdentity:
     randomized_ids: bool = True  # vLLM added a random suffix to request ids
 
 
-class _Slot:
-    """Pinned host buffers for one step's copies and the CUDA event that fences them."""
-
-    def __init__(self, taps: TapSet):
-        self.values = [torch.empty(t.values.shape, pin_memory=True) for t in taps.taps]
-        self.positions = torch.empty(
-            taps.positions.positions.shape, dtype=torch.long, pin_memory=True
-        )
-        self.event = torch.cuda.Event()
-
-
 class Drain:
     def __init__(
         self,
@@ -58,107 +51,126 @@ class Drain:
         identity: BatchIdentity,
         sample: SamplePolicy,
         drops: DropCounts,
-        slots: int = 8,
+        ring_rows: int,
     ):
         self.taps = taps
         self.identity = identity
         self.sample = sample
         self.drops = drops
-        self._free: queue.SimpleQueue[_Slot] | None = None
-        if taps.positions.positions.device.type == "cuda":
-            self._free = queue.SimpleQueue()
-            for _ in range(slots):
-                self._free.put(_Slot(taps))
+        self._cuda = taps.positions.positions.device.type == "cuda"
+        widths = [tap.values.shape[1] for tap in taps.taps]
+        self.ring = HostRing(widths, ring_rows, pin=self._cuda)
 
     def collect(self, step: int, layout: StepLayout, finished: list[str]) -> PendingStep | None:
-        """Start copying this step's rows out; None (and counted) if no slot is free."""
+        """Start copying this step's rows out; None (and counted) if the ring is full."""
         n = layout.num_tokens
-        if self._free is None:
-            values = [tap.values[:n].clone() for tap in self.taps.taps]
-            positions = self.taps.positions.positions[:n].clone()
-            return PendingStep(self, values, positions, None, step, layout, finished)
-        try:
-            slot = self._free.get_nowait()
-        except queue.Empty:
+        span = self.ring.take(n)
+        if span is None:
             self.drops.add(DRAIN_BACKLOG, n)
             return None
-        for tap, host in zip(self.taps.taps, slot.values, strict=True):
-            host[:n].copy_(tap.values[:n], non_blocking=True)
-        slot.positions[:n].copy_(self.taps.positions.positions[:n], non_blocking=True)
-        slot.event.record()
-        values = [host[:n] for host in slot.values]
-        return PendingStep(self, values, slot.positions[:n], slot, step, layout, finished)
+        rows = slice(span.start, span.stop)
+        for tap, host in zip(self.taps.taps, self.ring.values, strict=True):
+            host[rows].copy_(tap.values[:n], non_blocking=self._cuda)
+        self.ring.positions[rows].copy_(self.taps.positions.positions[:n], non_blocking=self._cuda)
+        event = None
+        if self._cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return PendingStep(self.ring, span, event, step, layout, finished)
 
-    def _release(self, slot: _Slot) -> None:
-        assert self._free is not None
-        self._free.put(slot)
+    def resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
+        """One ``TokenBatch`` of ``steps`` (in order), or None when none has anything to send.
 
-
-class PendingStep:
-    """One step's copies in flight; ``resolve`` (shipper thread) builds its ``TokenBatch``."""
-
-    def __init__(
-        self,
-        drain: Drain,
-        values: list[torch.Tensor],
-        positions: torch.Tensor,
-        slot: _Slot | None,
-        step: int,
-        layout: StepLayout,
-        finished: list[str],
-    ):
-        self._drain = drain
-        self._values = values
-        self._positions = positions
-        self._slot = slot
-        self.step = step
-        self.layout = layout
-        self.finished = finished
-
-    @property
-    def tokens(self) -> int:
-        return self.layout.num_tokens
-
-    def discard(self) -> None:
-        if self._slot is not None:
-            self._drain._release(self._slot)
-            self._slot = None
-
-    def resolve(self) -> TokenBatch | None:
-        drain, layout = self._drain, self.layout
+        Runs on the shipper's thread, once for all the steps gathered since the last
+        message: every step's rows are attributed and sampled in one pass of array ops.
+        """
         try:
-            if self._slot is not None:
-                self._slot.event.synchronize()
-            rows = attribute(layout, self._positions.numpy())
-            keep = drain.sample.select(rows, layout.req_ids)
+            values, positions = zip(*(p.arrays() for p in steps), strict=True)
+            # The steps' requests, one entry per (step, request): "slots" of one big layout.
+            slots = StepLayout(
+                [r for p in steps for r in p.layout.req_ids],
+                np.concatenate([p.layout.num_scheduled for p in steps]),
+                np.concatenate([p.layout.prompt_lens for p in steps]),
+            )
+            rows = attribute(slots, np.concatenate(positions))
+            sizes = [p.tokens for p in steps]
+            keep = self.sample.select(rows, slots.req_ids, sizes)
             columns = [
-                values.numpy()[keep][:, shipped]
-                for values, shipped in zip(self._values, drain.taps.shipped, strict=True)
+                np.concatenate([v[i] for v in values])[keep][:, shipped]
+                for i, shipped in enumerate(self.taps.shipped)
             ]
         finally:
-            self.discard()
-        if keep.shape[0] == 0 and not self.finished:
+            for pending in steps:
+                pending.discard()
+        finished = [[self._external(r) for r in p.finished] for p in steps]
+        step_of_row = np.repeat(np.arange(len(steps)), sizes)
+        step_tokens = np.bincount(step_of_row[keep], minlength=len(steps))
+        listed = [i for i in range(len(steps)) if step_tokens[i] or finished[i]]
+        if not listed:
             return None
         rows = rows.take(keep)
-        present, request_index = np.unique(rows.request_index, return_inverse=True)
-        k = drain.taps.component_ids.shape[0]
+        # Slots -> requests: a request in several steps is one request of the batch, and
+        # requests are numbered in order of first appearance.
+        numbers: dict[str, int] = {}
+        request_of_slot = np.array(
+            [numbers.setdefault(self._external(r), len(numbers)) for r in slots.req_ids],
+            dtype=np.int64,
+        )
+        present, request_index = np.unique(request_of_slot[rows.request_index], return_inverse=True)
+        names = list(numbers)
+        k = self.taps.component_ids.shape[0]
         values = np.concatenate(columns, axis=1) if columns else np.zeros((keep.shape[0], k))
-        identity = drain.identity
+        identity = self.identity
         return TokenBatch(
             spec_hash=identity.spec_hash,
             model_name=identity.model_name,
-            step=self.step,
-            component_ids=drain.taps.component_ids,
-            request_ids=[
-                external_request_id(layout.req_ids[i], identity.randomized_ids) for i in present
-            ],
+            steps=tuple(steps[i].step for i in listed),
+            component_ids=self.taps.component_ids,
+            request_ids=[names[r] for r in present],
             request_index=request_index.astype(np.uint32),
             positions=rows.positions,
             phases=rows.phases,
             values=values.astype(np.float32),
-            finished_request_ids=[
-                external_request_id(r, identity.randomized_ids) for r in self.finished
-            ],
+            finished_request_ids=[r for i in listed for r in finished[i]],
             rank=identity.rank,
             world_size=identity.world_size,
+            step_tokens=tuple(int(step_tokens[i]) for i in listed),
+            step_finished=tuple(len(finished[i]) for i in listed),
         )
+
+    def _external(self, internal: str) -> str:
+        return _external_request_id(internal, self.identity.randomized_ids)
+
+
+class PendingStep:
+    """One step's rows in the ring, until ``Drain.resolve`` (shipper thread) takes them."""
+
+    def __init__(
+        self,
+        ring: HostRing,
+        span: Span,
+        event: torch.cuda.Event | None,
+        step: int,
+        layout: StepLayout,
+        finished: list[str],
+    ):
+        self._ring = ring
+        self._span: Span | None = span
+        self._event = event
+        self.step = step
+        self.layout = layout
+        self.finished = finished
+        self.tokens = layout.num_tokens  # what a drop of this step loses
+
+    def arrays(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """(each tap's rows, positions) as host arrays, once the device copy has landed."""
+        assert self._span is not None, "read after discard"
+        if self._event is not None:
+            self._event.synchronize()
+        rows = slice(self._span.start, self._span.stop)
+        return [v[rows].numpy() for v in self._ring.values], self._ring.positions[rows].numpy()
+
+    def discard(self) -> None:
+        if self._span is not None:
+            self._ring.give_back(self._span)
+            self._span = None

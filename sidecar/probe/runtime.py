@@ -31,6 +31,7 @@ from sidecar.probe.cpus import spare_cpus
 from sidecar.probe.drain import BatchIdentity, Drain
 from sidecar.probe.shipper import DropCounts, Shipper, ShipperStats
 from sidecar.probe.taps import TapSet, install_taps
+from sidecar.protocol.batch import row_bytes
 from sidecar.spec.identity import shape_from_config
 from sidecar.spec.load import check_model, check_shape, load_spec
 from sidecar.spec.schema import CircuitSpec
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 # Bumped whenever what the taps trace into the graph changes; part of vLLM's compile-cache key.
 TAP_LAYOUT_VERSION = 1
+RING_FORWARDS = 4
+MESSAGE_BYTES = 2**20  # what one message aims at: cheap to build, far below the limit
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,6 @@ class WorkerProbe:
                     "tell probed graphs apart, set VLLM_DISABLE_COMPILE_CACHE=1"
                 )
         drops = DropCounts()
-        shipper = Shipper(
-            config.endpoint, capacity=config.queue_size, drops=drops, cpus=spare_cpus()
-        )
         identity = BatchIdentity(
             spec_hash=spec.hash,
             model_name=engine.model_name,
@@ -122,7 +122,18 @@ class WorkerProbe:
             world_size=engine.world_size,
             randomized_ids=engine.randomized_ids,
         )
-        drain = Drain(taps, identity, config.sample, drops)
+        # Room for a few forwards' worth of steps while the shipper gathers and sends.
+        ring_rows = RING_FORWARDS * engine.max_tokens_per_forward
+        drain = Drain(taps, identity, config.sample, drops, ring_rows)
+        shipper = Shipper(
+            config.endpoint,
+            drain.resolve,
+            capacity=config.queue_size,
+            drops=drops,
+            cpus=spare_cpus(),
+            linger_s=config.linger_ms / 1000,
+            max_tokens=max(1, MESSAGE_BYTES // row_bytes(len(taps.component_ids))),
+        )
         logger.info(
             "circuitwatch: rank %d/%d taps %d sites, ships %d of %d components to %s",
             engine.rank,

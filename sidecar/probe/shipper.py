@@ -2,16 +2,21 @@
 
 Like OpenTelemetry's ``BatchSpanProcessor``: ``submit`` appends to a bounded deque and
 returns (when the deque is full the oldest step is dropped and its tokens counted, reason
-``queue_full``); one daemon thread turns steps into ``SampleBatch`` messages and writes them
-to a gRPC client stream ``circuitwatch.v1.Ingest/Stream`` over a Unix socket or TCP. When
-the sidecar is unreachable or the stream breaks, the steps waiting are dropped and their tokens
-counted (``sidecar_unavailable``) and the thread reconnects with exponential backoff (0.1 s doubling
-to 5 s; only a stream that lasted resets it), so the sidecar can start, stop and restart
-under a running engine. Every message carries the cumulative drop counts by reason
-(``dropped_total``), in tokens, which is what ``circuitwatch_samples_dropped_total`` counts.
+``queue_full``); one daemon thread gathers the steps of up to ``linger_s`` (or up to
+``max_tokens`` tokens) into one ``SampleBatch`` message and writes it to a gRPC client stream
+``circuitwatch.v1.Ingest/Stream`` over a Unix socket or TCP. Gathering is what keeps the
+cost per step small: building, sending and scoring a message costs about the same for one
+step as for fifty, and on a small model one message per step cost a third of its
+throughput on CPU (BENCHMARKS.md). When the sidecar is unreachable or the stream breaks,
+the steps waiting are dropped and their tokens counted (``sidecar_unavailable``) and the
+thread reconnects with exponential backoff (0.1 s doubling to 5 s; only a stream that lasted
+resets it), so the sidecar can start, stop and restart under a running engine. Every
+message carries the cumulative drop counts by reason (``dropped_total``), in tokens, which
+is what ``circuitwatch_samples_dropped_total`` counts.
 
-What is queued is any ``Shippable``: its ``resolve`` runs on the shipper thread, so waiting
-for a device copy and building arrays stay off the engine's hot path.
+The items queued are any ``Shippable``; the ``resolve`` function given to the shipper turns
+a group of them into one batch on the shipper thread, so waiting for a device copy and
+building arrays stay off the engine's hot path.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,14 +41,18 @@ QUEUE_FULL = "queue_full"
 SIDECAR_UNAVAILABLE = "sidecar_unavailable"
 
 
+DEFAULT_LINGER_S = 0.05
+
+
 class Shippable(Protocol):
     tokens: int  # what a drop of this item loses, in tokens
 
-    def resolve(self) -> TokenBatch | None:
-        """The batch to send (None: nothing to send); may wait for a device copy."""
-
     def discard(self) -> None:
         """Release what the step holds without sending it."""
+
+
+# Turns queued items, oldest first, into the batch to send (None: nothing to send).
+Resolve = Callable[[list[Shippable]], TokenBatch | None]
 
 
 class DropCounts:
@@ -89,18 +99,26 @@ class Shipper:
     def __init__(
         self,
         endpoint: str,
+        resolve: Resolve,
         capacity: int = 256,
         drops: DropCounts | None = None,
         backoff: Backoff | None = None,
         connect_timeout_s: float = 1.0,
         cpus: frozenset[int] | None = None,
+        linger_s: float = DEFAULT_LINGER_S,
+        max_tokens: int = 8192,
     ):
         self.endpoint = endpoint
+        self._resolve = resolve
         self._cpus = cpus  # the thread's CPUs (see cpus.py); None: the creator's
         self.drops = drops or DropCounts()
         self._backoff = backoff or Backoff()
         self._connect_timeout_s = connect_timeout_s
-        self._queue: collections.deque[Shippable] = collections.deque()
+        self._linger_s = linger_s
+        self._max_tokens = max_tokens  # a message holds at most this many, or one item
+        self._queue: collections.deque[tuple[float, Shippable]] = collections.deque()
+        self._queued_tokens = 0
+        self._in_flight = False  # a group taken from the queue and not yet handed to gRPC
         self._capacity = capacity
         self._cond = threading.Condition()
         self._closed = False
@@ -117,11 +135,16 @@ class Shipper:
                 item.discard()
                 return
             if len(self._queue) >= self._capacity:
-                oldest = self._queue.popleft()
+                _, oldest = self._queue.popleft()
+                self._queued_tokens -= oldest.tokens
                 oldest.discard()
                 self.drops.add(QUEUE_FULL, oldest.tokens)
-            self._queue.append(item)
-            self._cond.notify()
+            self._queue.append((time.monotonic(), item))
+            self._queued_tokens += item.tokens
+            # Wake the thread only when it has something new to do: waking it every step
+            # would cost the engine the interpreter lock every step.
+            if len(self._queue) == 1 or self._queued_tokens >= self._max_tokens:
+                self._cond.notify_all()
 
     def stats(self) -> ShipperStats:
         with self._cond:
@@ -134,9 +157,11 @@ class Shipper:
             )
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until the queue is empty (sent or dropped); True if it emptied in time."""
+        """Wait until everything queued is handed to gRPC or dropped; True if in time."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue, timeout=timeout_s)
+            return self._cond.wait_for(
+                lambda: not self._queue and not self._in_flight, timeout=timeout_s
+            )
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Send what is queued if the sidecar is there, end the stream and stop the thread."""
@@ -202,25 +227,52 @@ class Shipper:
                     return
                 if not self._queue:
                     continue
-                item = self._queue.popleft()
-                self._cond.notify_all()
+                # Gather: until the oldest item has waited linger_s, or enough has come.
+                self._cond.wait_for(
+                    lambda: (
+                        self._closed or done.is_set() or self._queued_tokens >= self._max_tokens
+                    ),
+                    self._queue[0][0] + self._linger_s - time.monotonic(),
+                )
+                if done.is_set():
+                    return
+                group = self._take_group()
+                self._in_flight = True
             try:
-                batch = item.resolve()
+                batch = self._resolve(group)
             except Exception:
                 logger.exception("circuitwatch: could not build a batch; dropped")
-                self.drops.add("resolve_error", item.tokens)
-                continue
-            if batch is None:
-                continue
-            batch.dropped_total = self.drops.snapshot()
-            with self._cond:
-                self._sent += 1
-            yield to_message(batch)
+                self.drops.add("resolve_error", sum(item.tokens for item in group))
+                for item in group:
+                    item.discard()
+                batch = None
+            try:
+                if batch is not None:
+                    batch.dropped_total = self.drops.snapshot()
+                    with self._cond:
+                        self._sent += 1
+                    yield to_message(batch)  # returns once gRPC asks for the next one
+            finally:
+                with self._cond:
+                    self._in_flight = False
+                    self._cond.notify_all()
+
+    def _take_group(self) -> list[Shippable]:
+        """The oldest items, up to ``max_tokens`` tokens (at least one); holds the lock."""
+        group: list[Shippable] = []
+        tokens = 0
+        while self._queue and (not group or tokens + self._queue[0][1].tokens <= self._max_tokens):
+            _, item = self._queue.popleft()
+            tokens += item.tokens
+            group.append(item)
+        self._queued_tokens -= tokens
+        return group
 
     def _drop_queued(self) -> None:
         with self._cond:
-            items = list(self._queue)
+            items = [item for _, item in self._queue]
             self._queue.clear()
+            self._queued_tokens = 0
             self._cond.notify_all()
         for item in items:
             item.discard()

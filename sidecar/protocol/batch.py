@@ -1,13 +1,18 @@
-"""One engine step's sampled component values, as plain arrays, and its wire conversion.
+"""Sampled component values of one or more engine steps, as plain arrays, and their wire form.
 
 ``TokenBatch`` is what crosses the probe -> sidecar boundary. ``to_message`` and
 ``from_message`` convert it to and from ``circuitwatch.v1.SampleBatch``; ``from_message``
 checks every length and value so a malformed message is rejected with a clear reason.
+A batch of several steps keeps each step's share of the rows and of the finished requests
+(``step_tokens``, ``step_finished``), so that ``split_steps`` can take it apart again where
+tensor-parallel ranks are joined step by step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -16,6 +21,15 @@ from sidecar.protocol.circuitwatch.v1 import ingest_pb2
 PROMPT = 0
 GENERATED = 1
 PHASE_NAMES = ("prompt", "generation")
+
+# The sidecar accepts messages up to this size (gRPC's default, 4 MiB, is less than one
+# long prefill step of a wide spec); probes aim for far smaller ones (see ``row_bytes``).
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+def row_bytes(num_components: int) -> int:
+    """Wire bytes per token: request index, position, phase and the float32 values."""
+    return 4 + 4 + 1 + 4 * num_components
 
 
 class MalformedBatch(ValueError):
@@ -26,7 +40,7 @@ class MalformedBatch(ValueError):
 class TokenBatch:
     spec_hash: str
     model_name: str
-    step: int
+    steps: tuple[int, ...]  # engine steps, ascending
     component_ids: np.ndarray  # uint32 [k]
     request_ids: list[str]
     request_index: np.ndarray  # uint32 [n]
@@ -37,10 +51,50 @@ class TokenBatch:
     dropped_total: dict[str, int] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    # Per step, in order: how many rows and finished ids it has. Empty: one step has them all.
+    step_tokens: tuple[int, ...] = ()
+    step_finished: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
+
+    def split_steps(self) -> list[TokenBatch]:
+        """One batch per step, each naming only its own requests in order of first row.
+
+        That order depends only on the step's own rows, not on how a probe grouped the
+        steps, so the ranks' parts of a step compare equal.
+        """
+        step_tokens = self.step_tokens or (self.num_tokens,)
+        step_finished = self.step_finished or (len(self.finished_request_ids),)
+        row_starts = np.cumsum([0, *step_tokens])
+        finished_starts = np.cumsum([0, *step_finished])
+        parts = []
+        for i, step in enumerate(self.steps):
+            rows = slice(int(row_starts[i]), int(row_starts[i + 1]))
+            present, first, inverse = np.unique(
+                self.request_index[rows], return_index=True, return_inverse=True
+            )
+            order = np.argsort(first)
+            renumber = np.empty_like(order)
+            renumber[order] = np.arange(order.shape[0])
+            parts.append(
+                replace(
+                    self,
+                    steps=(step,),
+                    request_ids=[self.request_ids[j] for j in present[order]],
+                    request_index=renumber[inverse].astype(np.uint32),
+                    positions=self.positions[rows],
+                    phases=self.phases[rows],
+                    values=self.values[rows],
+                    finished_request_ids=self.finished_request_ids[
+                        int(finished_starts[i]) : int(finished_starts[i + 1])
+                    ],
+                    step_tokens=(),
+                    step_finished=(),
+                )
+            )
+        return parts
 
 
 def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
@@ -49,7 +103,7 @@ def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
         model_name=batch.model_name,
         rank=batch.rank,
         world_size=batch.world_size,
-        step=batch.step,
+        steps=batch.steps,
         component_ids=batch.component_ids.tolist(),
         request_ids=batch.request_ids,
         request_index=np.ascontiguousarray(batch.request_index, dtype="<u4").tobytes(),
@@ -58,6 +112,8 @@ def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
         values=np.ascontiguousarray(batch.values, dtype="<f4").tobytes(),
         finished_request_ids=batch.finished_request_ids,
         dropped_total=batch.dropped_total,
+        step_tokens=batch.step_tokens,
+        step_finished=batch.step_finished,
     )
 
 
@@ -92,18 +148,41 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
         )
     if n and int(phases.max()) > GENERATED:
         raise MalformedBatch(f"phases: value {int(phases.max())} is neither 0 nor 1")
+    steps = tuple(msg.steps)
+    finished = list(msg.finished_request_ids)
+    step_tokens = _step_shares(msg.step_tokens, steps, n, "step_tokens")
+    step_finished = _step_shares(msg.step_finished, steps, len(finished), "step_finished")
     return TokenBatch(
         spec_hash=msg.spec_hash,
         model_name=msg.model_name,
-        step=msg.step,
+        steps=steps,
         component_ids=component_ids,
         request_ids=list(msg.request_ids),
         request_index=request_index,
         positions=positions,
         phases=phases,
         values=values.reshape(n, component_ids.size),
-        finished_request_ids=list(msg.finished_request_ids),
+        finished_request_ids=finished,
         dropped_total=dict(msg.dropped_total),
         rank=msg.rank,
         world_size=msg.world_size,
+        step_tokens=step_tokens,
+        step_finished=step_finished,
     )
+
+
+def _step_shares(
+    shares: Sequence[int], steps: tuple[int, ...], total: int, name: str
+) -> tuple[int, ...]:
+    """Check one per-step split of ``total`` items against ``steps``."""
+    if not steps:
+        raise MalformedBatch("steps: a batch names at least one engine step")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise MalformedBatch(f"steps: {list(steps)[:8]} is not strictly ascending")
+    if not shares and len(steps) == 1:
+        return ()
+    if len(shares) != len(steps):
+        raise MalformedBatch(f"{name}: {len(shares)} entries for {len(steps)} steps")
+    if sum(shares) != total:
+        raise MalformedBatch(f"{name}: the steps' shares add up to {sum(shares)}, not {total}")
+    return tuple(shares)

@@ -3,8 +3,10 @@
 With tensor parallelism each rank reads the components whose heads/shards it holds, and
 every rank sees the same sampled tokens in the same order. The ranks' batches for one
 step are therefore joined by stacking their columns side by side; the rows must agree,
-which is checked. A step waits at most ``timeout`` seconds for its missing ranks and at
-most ``max_pending`` steps wait at once; steps given up on are reported as dropped.
+which is checked. Each rank groups steps into messages its own way, so a batch of several
+steps is split into its steps first (``TokenBatch.split_steps``) and each step is joined.
+A step waits at most ``timeout`` seconds for its missing ranks and at most ``max_pending``
+steps wait at once; steps given up on are reported as dropped.
 
 Every rank sees the same tokens, so a lost step must be counted once, not once per rank.
 Rank 0 is the one that counts: the sidecar takes the probe's own drop counts from rank 0
@@ -39,8 +41,9 @@ class DroppedJoin:
 
 @dataclass(frozen=True)
 class JoinOutcome:
-    joined: TokenBatch | None  # set once every rank of the step arrived
-    dropped: tuple[DroppedJoin, ...] = ()
+    joined: list[TokenBatch]  # the steps whose every rank has now arrived, in order
+    dropped: list[DroppedJoin]
+    errors: list[JoinError]  # the steps that could not be joined; the others still count
 
 
 @dataclass
@@ -61,22 +64,30 @@ class RankJoiner:
 
     def add(self, batch: TokenBatch, now: float) -> JoinOutcome:
         if batch.world_size == 1:
-            return JoinOutcome(batch)
-        key = (batch.model_name, batch.world_size, batch.step)
+            return JoinOutcome([batch], [], [])
+        outcome = JoinOutcome([], [], [])
+        for part in batch.split_steps():
+            try:
+                self._add_step(part, now, outcome)
+            except JoinError as error:
+                outcome.errors.append(error)
+        return outcome
+
+    def _add_step(self, part: TokenBatch, now: float, outcome: JoinOutcome) -> None:
+        step = part.steps[0]
+        key = (part.model_name, part.world_size, step)
         pending = self._pending.get(key)
-        dropped: tuple[DroppedJoin, ...] = ()
         if pending is None:
             if len(self._pending) >= self.max_pending:
                 oldest = next(iter(self._pending))
-                dropped = _counted([self._pending.pop(oldest)], "tp_join_overflow")
-            pending = self._pending[key] = _Pending(now, batch.world_size)
-        if batch.rank in pending.parts:
-            raise JoinError("tp_duplicate_rank", f"rank {batch.rank} sent step {batch.step} twice")
-        pending.parts[batch.rank] = batch
-        if len(pending.parts) < pending.world_size:
-            return JoinOutcome(None, dropped)
-        del self._pending[key]
-        return JoinOutcome(_merge([pending.parts[r] for r in range(pending.world_size)]), dropped)
+                outcome.dropped.extend(_counted([self._pending.pop(oldest)], "tp_join_overflow"))
+            pending = self._pending[key] = _Pending(now, part.world_size)
+        if part.rank in pending.parts:
+            raise JoinError("tp_duplicate_rank", f"rank {part.rank} sent step {step} twice")
+        pending.parts[part.rank] = part
+        if len(pending.parts) == pending.world_size:
+            del self._pending[key]
+            outcome.joined.append(_merge([pending.parts[r] for r in range(pending.world_size)]))
 
     def expire(self, now: float) -> list[DroppedJoin]:
         """Give up on steps still missing ranks after ``timeout`` seconds."""
@@ -104,13 +115,13 @@ def _merge(parts: list[TokenBatch]) -> TokenBatch:
         ):
             raise JoinError(
                 "tp_mismatch",
-                f"step {first.step}: rank {part.rank}'s tokens differ from rank {first.rank}'s",
+                f"step {first.steps[0]}: rank {part.rank}'s tokens differ from rank {first.rank}'s",
             )
     finished = dict.fromkeys(r for part in parts for r in part.finished_request_ids)
     return TokenBatch(
         spec_hash=first.spec_hash,
         model_name=first.model_name,
-        step=first.step,
+        steps=first.steps,
         component_ids=np.concatenate([p.component_ids for p in parts]),
         request_ids=first.request_ids,
         request_index=first.request_index,

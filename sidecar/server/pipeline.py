@@ -1,6 +1,6 @@
 """The sidecar's synchronous core: a decoded batch in, metrics and finished-request records out.
 
-``Pipeline.ingest`` takes one validated ``TokenBatch`` (one rank, one engine step):
+``Pipeline.ingest`` takes one validated ``TokenBatch`` (one rank, one or more engine steps):
 join tensor-parallel ranks -> drop non-finite rows -> score -> fold into per-request
 state -> count -> finish the requests the engine reported finished -> hand records to
 every sink. ``Pipeline.tick`` runs the periodic work: join timeouts and idle requests.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sidecar.protocol.batch import TokenBatch
-from sidecar.server.join import JoinError, RankJoiner
+from sidecar.server.join import RankJoiner
 from sidecar.server.metrics import SidecarMetrics
 from sidecar.server.records import FINISHED_BY_ENGINE, RecordSink, RequestRecord
 from sidecar.server.requests import RequestTable
@@ -54,16 +54,16 @@ class Pipeline:
     def ingest(self, batch: TokenBatch, now: float) -> None:
         """Process one rank's batch; raises Rejected for a batch that cannot be used."""
         model_name = self.metrics.model_label(batch.model_name)
-        try:
-            outcome = self.joiner.add(batch, now)
-        except JoinError as error:
-            raise Rejected(error.reason, str(error)) from error
+        outcome = self.joiner.add(batch, now)
         for dropped in outcome.dropped:
             self.metrics.drop(
                 self.metrics.model_label(dropped.model_name), dropped.reason, dropped.tokens
             )
-        if outcome.joined is not None:
-            self._score(outcome.joined, model_name, now)
+        for joined in outcome.joined:
+            self._score(joined, model_name, now)
+        if outcome.errors:
+            error = outcome.errors[0]
+            raise Rejected(error.reason, str(error)) from error
 
     def tick(self, now: float) -> None:
         for dropped in self.joiner.expire(now):

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, start_http_server
 
 from sidecar import __version__
+from sidecar.protocol.batch import MAX_MESSAGE_BYTES
 from sidecar.server.ingest import SERVICE_NAME, IngestService
 from sidecar.server.metrics import DEFAULT_SCORE_BUCKETS, MetricsSink, SidecarMetrics
 from sidecar.server.pipeline import Pipeline
@@ -98,7 +99,9 @@ class Sidecar:
         self._health = health_aio.HealthServicer()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        )
         self._server.add_generic_rpc_handlers((self._ingest.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         port = self._server.add_insecure_port(self.listen)
