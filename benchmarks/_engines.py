@@ -44,6 +44,7 @@ class Config:
     sample: str | None = None  # CIRCUITWATCH_SAMPLE; None keeps the plugin's default
     naive_hooks: bool = False
     target_ratio: float | None = None  # throughput vs the baseline must reach this
+    probe_stage: str | None = None  # "taps" or "drain": cut the probe short (see limit_probe)
 
     @property
     def probed(self) -> bool:
@@ -238,6 +239,11 @@ def start_engine(
     if config.probed and not all(s is not None for s in engine.probe_stats()):
         engine.shutdown()
         raise RuntimeError(f"{config.key}: the probes did not install (see the engine log)")
+    if config.probe_stage is not None and not all(
+        llm.collective_rpc(limit_probe, args=(config.probe_stage,))
+    ):
+        engine.shutdown()
+        raise RuntimeError(f"{config.key}: the probe could not be cut short")
     if config.naive_hooks:
         from benchmarks._naive_hooks import install_naive_hooks
 
@@ -245,6 +251,23 @@ def start_engine(
             engine.shutdown()
             raise RuntimeError(f"{config.key}: the naive hooks did not install")
     return engine
+
+
+def limit_probe(worker, stage: str) -> bool:
+    """On a worker: run its probe only up to ``stage``, to measure what each part costs.
+
+    "taps": the taps still run in the compiled graph, but nothing is drained after a step;
+    "drain": every step is drained (layout, copies into the host ring) and then discarded,
+    so the shipper thread and the sidecar do nothing.
+    """
+    probe = getattr(worker, "circuitwatch_probe", None)
+    if probe is None or stage not in ("taps", "drain"):
+        return False
+    if stage == "taps":
+        probe.after_step = lambda runner, scheduler_output: None
+    else:
+        probe.shipper.submit = lambda item: item.discard()
+    return True
 
 
 def _compilation(llm) -> dict:

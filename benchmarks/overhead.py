@@ -82,6 +82,23 @@ CONFIGS = (
     Config("naive_eager", "4 eager + naive host-copy hooks", enforce_eager=True, naive_hooks=True),
     Config("eager", "5 eager, no hooks", enforce_eager=True),
 )
+# --decompose: configuration 2 cut short, to show where its cost goes.
+DECOMPOSITION = (
+    Config(
+        "probe_taps_only",
+        "2a = 2 with the taps only (no drain)",
+        enforce_eager=False,
+        spec="typical",
+        probe_stage="taps",
+    ),
+    Config(
+        "probe_no_shipping",
+        "2b = 2 with taps and drain, nothing shipped",
+        enforce_eager=False,
+        spec="typical",
+        probe_stage="drain",
+    ),
+)
 
 
 @dataclass
@@ -119,6 +136,7 @@ class Bench:
         device: Device,
         folder: Path,
         min_seconds: float,
+        configs: tuple[Config, ...] = CONFIGS,
     ):
         from sidecar.server.service import Sidecar
         from sidecar.spec.load import load_spec
@@ -134,8 +152,9 @@ class Bench:
             name: Sidecar(load_spec(path), self.endpoints[name], metrics_port=None)
             for name, path in self.specs.items()
         }
-        self.results = {c.key: ConfigResult(c.key, c.label) for c in CONFIGS}
-        for config in CONFIGS:
+        self.configs = configs
+        self.results = {c.key: ConfigResult(c.key, c.label) for c in configs}
+        for config in configs:
             if config.spec is not None:
                 cost = probe_cost(self.specs[config.spec], model.shape)
             elif config.naive_hooks:
@@ -145,7 +164,7 @@ class Bench:
             result = self.results[config.key]
             result.probe_flops_per_token = cost.flops_per_token
             result.probe_share_of_model = cost.flops_per_token / model.flops_per_token
-        need = len(CONFIGS) * engine_bytes(model, workload, device)
+        need = len(configs) * engine_bytes(model, workload, device)
         self.together = need < 0.85 * device.free_bytes
 
     def start(self, config: Config, engines_at_once: int) -> Engine:
@@ -175,11 +194,12 @@ class Bench:
             engines: dict[str, Engine] = {}
             try:
                 if mode == "together":
-                    for config in CONFIGS:
-                        engines[config.key] = self.start(config, len(CONFIGS))
+                    for config in self.configs:
+                        engines[config.key] = self.start(config, len(self.configs))
                         engines[config.key].generate(prompts, params)  # warm-up, not counted
                 for r in range(rounds):
-                    order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
+                    turn = r % len(self.configs)
+                    order = self.configs[turn:] + self.configs[:turn]
                     measured = {}
                     for config in order:
                         engine = engines.get(config.key)
@@ -224,7 +244,7 @@ class Bench:
 
 def _table(bench: Bench, done: int, rounds: int, mode: str) -> Table:
     rows = []
-    for config in CONFIGS:
+    for config in bench.configs:
         r = bench.results[config.key]
         tps, ratio = Spread.of(r.tokens_per_s), Spread.of(r.ratio_vs_baseline)
         steps = percentiles(r.step_s)
@@ -233,7 +253,7 @@ def _table(bench: Bench, done: int, rounds: int, mode: str) -> Table:
             ok = ratio.mean >= config.target_ratio
             verdict = f"{'met' if ok else 'MISSED'} (>= {config.target_ratio:.1%})"
         shipped = ""
-        if config.probed:
+        if config.probed and config.probe_stage is None:
             shipped = f"{r.tokens_scored_by_sidecar:,}/{r.tokens_forwarded:,}"
         rows.append(
             (
@@ -283,6 +303,11 @@ def _arguments() -> argparse.ArgumentParser:
     )
     parser.add_argument("--engines", choices=("auto", "together", "per-round"), default="auto")
     parser.add_argument("--quick", action="store_true", help="a few steps: smoke run")
+    parser.add_argument(
+        "--decompose",
+        action="store_true",
+        help="add configuration 2 with the taps only, and with the drain but no shipping",
+    )
     parser.add_argument("--device-label", help="names the result file (default cpu or the GPU)")
     parser.add_argument(
         "--output", type=Path, help="result JSON (default benchmarks/results/overhead-LABEL.json)"
@@ -336,7 +361,8 @@ def main(argv: list[str]) -> int:
             choices.append(dummy_model(work, args.dummy_size, weights=device.kind == "cpu"))
         for model in choices:
             load_before = os.getloadavg()
-            bench = Bench(model, run.workload, device, work / model.name, run.min_seconds)
+            configs = CONFIGS[:2] + DECOMPOSITION + CONFIGS[2:] if args.decompose else CONFIGS
+            bench = Bench(model, run.workload, device, work / model.name, run.min_seconds, configs)
             mode = args.engines
             if mode == "auto":
                 mode = "together" if bench.together else "per-round"

@@ -143,15 +143,18 @@ def test_config_reads_the_environment_with_defaults():
     )
     assert config == ProbeConfig(Path("/specs/a.yaml"), "unix:///run/cw.sock")
     assert config.sample == SamplePolicy(cap=512) and config.queue_size == 256
+    assert config.linger_ms == 50.0
     config = ProbeConfig.from_env(
         {
             "CIRCUITWATCH_SPEC": "a.yaml",
             "CIRCUITWATCH_ENDPOINT": "localhost:50051",
             "CIRCUITWATCH_SAMPLE": "0.5",
             "CIRCUITWATCH_QUEUE_SIZE": "8",
+            "CIRCUITWATCH_LINGER_MS": "0",
         }
     )
     assert config.sample == SamplePolicy(fraction=0.5) and config.queue_size == 8
+    assert config.linger_ms == 0.0
 
 
 @pytest.mark.parametrize(
@@ -161,6 +164,8 @@ def test_config_reads_the_environment_with_defaults():
         ({"CIRCUITWATCH_ENDPOINT": "x:1", "CIRCUITWATCH_SAMPLE": "lots"}, "CIRCUITWATCH_SAMPLE"),
         ({"CIRCUITWATCH_ENDPOINT": "x:1", "CIRCUITWATCH_QUEUE_SIZE": "big"}, "QUEUE_SIZE"),
         ({"CIRCUITWATCH_ENDPOINT": "x:1", "CIRCUITWATCH_QUEUE_SIZE": "0"}, "QUEUE_SIZE"),
+        ({"CIRCUITWATCH_ENDPOINT": "x:1", "CIRCUITWATCH_LINGER_MS": "soon"}, "LINGER_MS"),
+        ({"CIRCUITWATCH_ENDPOINT": "x:1", "CIRCUITWATCH_LINGER_MS": "-1"}, "LINGER_MS: '-1'"),
     ],
 )
 def test_config_names_the_bad_variable(env, message):
