@@ -45,6 +45,7 @@ class Config:
     naive_hooks: bool = False
     target_ratio: float | None = None  # throughput vs the baseline must reach this
     probe_stage: str | None = None  # "taps" or "drain": cut the probe short (see limit_probe)
+    probe_from: str | None = None  # a checkout whose probe the engine runs instead of this one
 
     @property
     def probed(self) -> bool:
@@ -159,11 +160,51 @@ class StepClock:
         return np.diff(np.asarray([t for t, _ in stamps[first:]], dtype=np.float64))
 
 
+class CpuClock:
+    """CPU seconds (user + system) used by this process and by one engine's processes.
+
+    On a shared 2-core machine throughput swings with whatever else runs; the CPU time all
+    processes spend per output token swings much less, so it shows a fixed per-step cost
+    that throughput noise hides. "All processes": the engine core, its workers, and this
+    one (the front end and the in-process sidecars).
+    """
+
+    def __init__(self, llm):
+        manager = llm.llm_engine.engine_core.resources.engine_manager
+        roots = {p.pid for p in manager.processes}
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(stat.parent.name)] = int(fields[1])
+        self.pids = set(roots)
+        while True:  # the engine core's descendants: its workers
+            more = {pid for pid, parent in parents.items() if parent in self.pids} - self.pids
+            if not more:
+                break
+            self.pids |= more
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> float:
+        own = os.times()
+        total = own.user + own.system
+        for pid in self.pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone
+            total += (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime
+        return total
+
+
 @dataclass
 class Engine:
     config: Config
     llm: object  # vllm.LLM
     clock: StepClock
+    cpu: CpuClock
     compilation: dict  # the compile settings vLLM settled on
     start_seconds: float
 
@@ -206,6 +247,10 @@ def start_engine(
 
     for name in (ENV_SPEC, ENV_ENDPOINT, ENV_SAMPLE):
         os.environ.pop(name, None)
+    python_path = os.environ.get("PYTHONPATH")
+    if config.probe_from is not None:
+        # The engine's processes find the plugin's modules there first.
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [config.probe_from, python_path]))
     if config.probed:
         os.environ[ENV_SPEC] = str(spec_path)
         os.environ[ENV_ENDPOINT] = str(endpoint)
@@ -235,7 +280,12 @@ def start_engine(
     finally:
         for name in (ENV_SPEC, ENV_ENDPOINT, ENV_SAMPLE):
             os.environ.pop(name, None)
-    engine = Engine(config, llm, StepClock(llm), _compilation(llm), time.perf_counter() - start)
+        if python_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = python_path
+    elapsed = time.perf_counter() - start
+    engine = Engine(config, llm, StepClock(llm), CpuClock(llm), _compilation(llm), elapsed)
     if config.probed and not all(s is not None for s in engine.probe_stats()):
         engine.shutdown()
         raise RuntimeError(f"{config.key}: the probes did not install (see the engine log)")

@@ -35,10 +35,11 @@ import contextlib
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from benchmarks._common import (
@@ -108,6 +109,8 @@ class ConfigResult:
     tokens_per_s: list[float] = field(default_factory=list)  # one per round
     ratio_vs_baseline: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)  # every decode step of every round
+    cpu_s_per_token: list[float] = field(default_factory=list)  # all processes, one per round
+    cpu_vs_baseline: list[float] = field(default_factory=list)
     probe_flops_per_token: float = 0.0
     probe_share_of_model: float = 0.0
     tokens_scored_by_sidecar: int = 0  # probed configs: what the sidecar counted
@@ -210,25 +213,31 @@ class Bench:
                         if mode != "together":
                             engine.shutdown()
                             self.device.wait_until_free()
-                    baseline = measured["baseline"]
-                    for key, tps in measured.items():
-                        self.results[key].tokens_per_s.append(tps)
-                        self.results[key].ratio_vs_baseline.append(tps / baseline)
-                    line = "  ".join(f"{k} {v:,.1f}" for k, v in measured.items())
+                    baseline, baseline_cpu = measured["baseline"]
+                    for key, (tps, cpu) in measured.items():
+                        result = self.results[key]
+                        result.tokens_per_s.append(tps)
+                        result.ratio_vs_baseline.append(tps / baseline)
+                        result.cpu_s_per_token.append(cpu)
+                        result.cpu_vs_baseline.append(cpu / baseline_cpu)
+                    line = "  ".join(f"{k} {v:,.1f}" for k, (v, _) in measured.items())
                     print(f"[{self.model.name}] round {r + 1}/{rounds} tok/s: {line}", flush=True)
                     after_round(r + 1)
             finally:
                 for engine in engines.values():
                     engine.shutdown()
 
-    def _measure(self, engine: Engine, prompts, params) -> float:
-        """Output tokens/s over repeated generate calls lasting at least ``min_seconds``."""
+    def _measure(self, engine: Engine, prompts, params) -> tuple[float, float]:
+        """(output tokens/s, CPU seconds per output token) over repeated generate calls
+        lasting at least ``min_seconds``; the CPU time includes sending what the probes hold.
+        """
         config = engine.config
         sidecar = self.sidecars.get(config.spec) if config.probed else None
         before = _sidecar_tokens(sidecar) if sidecar else 0
         result = self.results[config.key]
         tokens = calls = 0
         wall = 0.0
+        cpu_before = engine.cpu.seconds()
         while wall < self.min_seconds or calls == 0:
             n, seconds, steps = engine.generate(prompts, params)
             tokens, wall, calls = tokens + n, wall + seconds, calls + 1
@@ -239,7 +248,7 @@ class Bench:
             result.tokens_forwarded += calls * self.workload.forward_tokens
             stats = engine.probe_stats()[0]
             result.probe_drops = dict(stats.shipper.dropped)
-        return tokens / wall
+        return tokens / wall, (engine.cpu.seconds() - cpu_before) / tokens
 
 
 def _table(bench: Bench, done: int, rounds: int, mode: str) -> Table:
@@ -255,11 +264,13 @@ def _table(bench: Bench, done: int, rounds: int, mode: str) -> Table:
         shipped = ""
         if config.probed and config.probe_stage is None:
             shipped = f"{r.tokens_scored_by_sidecar:,}/{r.tokens_forwarded:,}"
+        cpu, cpu_ratio = Spread.of(r.cpu_s_per_token), Spread.of(r.cpu_vs_baseline)
         rows.append(
             (
                 config.label,
                 tps.text(".1f"),
                 f"{ratio.mean:.2%} ± {ratio.stdev:.2%}",
+                f"{cpu.mean * 1e6:,.0f} ± {cpu.stdev * 1e6:,.0f} ({cpu_ratio.mean - 1:+.1%})",
                 f"{steps['p50'] * 1e3:.1f} / {steps['p99'] * 1e3:.1f}",
                 f"{r.probe_share_of_model:.3%}",
                 shipped,
@@ -277,6 +288,7 @@ def _table(bench: Bench, done: int, rounds: int, mode: str) -> Table:
         "configuration",
         "output tok/s",
         "vs baseline",
+        "CPU µs / token (vs baseline)",
         "decode step p50 / p99 ms",
         "probe FLOPs / model FLOPs",
         "tokens scored / forwarded",
@@ -303,6 +315,13 @@ def _arguments() -> argparse.ArgumentParser:
     )
     parser.add_argument("--engines", choices=("auto", "together", "per-round"), default="auto")
     parser.add_argument("--quick", action="store_true", help="a few steps: smoke run")
+    parser.add_argument(
+        "--probe-from",
+        type=Path,
+        metavar="CHECKOUT",
+        help="add configurations 2 and 3 running the probe of another checkout (an earlier "
+        "commit, say: git worktree add /tmp/old <commit>), side by side with this one's",
+    )
     parser.add_argument(
         "--decompose",
         action="store_true",
@@ -361,7 +380,7 @@ def main(argv: list[str]) -> int:
             choices.append(dummy_model(work, args.dummy_size, weights=device.kind == "cpu"))
         for model in choices:
             load_before = os.getloadavg()
-            configs = CONFIGS[:2] + DECOMPOSITION + CONFIGS[2:] if args.decompose else CONFIGS
+            configs = _configs(args.decompose, args.probe_from)
             bench = Bench(model, run.workload, device, work / model.name, run.min_seconds, configs)
             mode = args.engines
             if mode == "auto":
@@ -379,6 +398,41 @@ def main(argv: list[str]) -> int:
             _table(bench, run.rounds, run.rounds, mode).print()
             print(models[-1]["load"])
     return 0
+
+
+def _configs(decompose: bool, probe_from: Path | None) -> tuple[Config, ...]:
+    configs = CONFIGS[:2] + DECOMPOSITION + CONFIGS[2:] if decompose else CONFIGS
+    if probe_from is None:
+        return configs
+    if not (probe_from / "sidecar" / "probe" / "plugin.py").is_file():
+        raise SystemExit(f"--probe-from {probe_from}: no sidecar/probe/plugin.py there")
+    name = _revision(probe_from)
+    others = tuple(
+        replace(
+            c,
+            key=c.key + "_other",
+            label=f"{c.label[0]}' = {c.label[0]} with the probe of {name}",
+            target_ratio=None,
+            probe_from=str(probe_from.resolve()),
+        )
+        for c in CONFIGS
+        if c.key in ("probe_default", "probe_every_token")
+    )
+    return configs + others
+
+
+def _revision(checkout: Path) -> str:
+    """The checkout's short commit hash, or its path when it is not a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(checkout)
 
 
 def _model_entry(run: Run, bench: Bench, mode: str, done: int, load: str) -> dict:

@@ -160,7 +160,7 @@ class PendingStep:
         self.step = step
         self.layout = layout
         self.finished = finished
-        self.tokens = layout.num_tokens  # what a drop of this step loses
+        self.tokens = len(span)  # what a drop of this step loses
 
     def arrays(self) -> tuple[list[np.ndarray], np.ndarray]:
         """(each tap's rows, positions) as host arrays, once the device copy has landed."""
