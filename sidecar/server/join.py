@@ -39,7 +39,7 @@ class DroppedJoin:
     tokens: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class JoinOutcome:
     joined: list[TokenBatch]  # the steps whose every rank has now arrived, in order
     dropped: list[DroppedJoin]
