@@ -174,11 +174,9 @@ class CpuClock:
         roots = {p.pid for p in manager.processes}
         parents = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(stat.parent.name)] = int(fields[1])
+            fields = _stat_fields(int(stat.parent.name))
+            if fields is not None:
+                parents[int(stat.parent.name)] = int(fields[1])
         self.pids = set(roots)
         while True:  # the engine core's descendants: its workers
             more = {pid for pid, parent in parents.items() if parent in self.pids} - self.pids
@@ -191,12 +189,18 @@ class CpuClock:
         own = os.times()
         total = own.user + own.system
         for pid in self.pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # gone
-            total += (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime
+            fields = _stat_fields(pid)
+            if fields is not None:
+                total += (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime
         return total
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first); None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 @dataclass

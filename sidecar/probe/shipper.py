@@ -4,15 +4,14 @@ Like OpenTelemetry's ``BatchSpanProcessor``: ``submit`` appends to a bounded deq
 returns (when the deque is full the oldest step is dropped and its tokens counted, reason
 ``queue_full``); one daemon thread gathers the steps of up to ``linger_s`` (or up to
 ``max_tokens`` tokens) into one ``SampleBatch`` message and writes it to a gRPC client stream
-``circuitwatch.v1.Ingest/Stream`` over a Unix socket or TCP. Gathering is what keeps the
-cost per step small: building, sending and scoring a message costs about the same for one
-step as for fifty, and on a small model one message per step cost a third of its
-throughput on CPU (BENCHMARKS.md). When the sidecar is unreachable or the stream breaks,
-the steps waiting are dropped and their tokens counted (``sidecar_unavailable``) and the
-thread reconnects with exponential backoff (0.1 s doubling to 5 s; only a stream that lasted
-resets it), so the sidecar can start, stop and restart under a running engine. Every
-message carries the cumulative drop counts by reason (``dropped_total``), in tokens, which
-is what ``circuitwatch_samples_dropped_total`` counts.
+``circuitwatch.v1.Ingest/Stream`` over a Unix socket or TCP. Gathering pays the
+per-message costs (building, sending, decoding, scoring) once for many steps, and wakes
+this thread once per message rather than once per step. When the sidecar is unreachable or
+the stream breaks, the steps waiting are dropped and their tokens counted
+(``sidecar_unavailable``) and the thread reconnects with exponential backoff (0.1 s
+doubling to 5 s; only a stream that lasted resets it), so the sidecar can start, stop and
+restart under a running engine. Every message carries the cumulative drop counts by reason
+(``dropped_total``), in tokens, which is what ``circuitwatch_samples_dropped_total`` counts.
 
 The items queued are any ``Shippable``; the ``resolve`` function given to the shipper turns
 a group of them into one batch on the shipper thread, so waiting for a device copy and
@@ -31,6 +30,7 @@ from typing import Protocol
 
 import grpc
 
+from sidecar.probe.config import DEFAULT_LINGER_MS
 from sidecar.probe.cpus import bind_current_thread
 from sidecar.protocol.batch import TokenBatch, to_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2_grpc
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 QUEUE_FULL = "queue_full"
 SIDECAR_UNAVAILABLE = "sidecar_unavailable"
-
-
-DEFAULT_LINGER_S = 0.05
 
 
 class Shippable(Protocol):
@@ -105,7 +102,7 @@ class Shipper:
         backoff: Backoff | None = None,
         connect_timeout_s: float = 1.0,
         cpus: frozenset[int] | None = None,
-        linger_s: float = DEFAULT_LINGER_S,
+        linger_s: float = DEFAULT_LINGER_MS / 1000,
         max_tokens: int = 8192,
     ):
         self.endpoint = endpoint

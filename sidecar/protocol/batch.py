@@ -149,6 +149,10 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
     if n and int(phases.max()) > GENERATED:
         raise MalformedBatch(f"phases: value {int(phases.max())} is neither 0 nor 1")
     steps = tuple(msg.steps)
+    if not steps:
+        raise MalformedBatch("steps: a batch names at least one engine step")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise MalformedBatch(f"steps: {list(steps)[:8]} is not strictly ascending")
     finished = list(msg.finished_request_ids)
     step_tokens = _step_shares(msg.step_tokens, steps, n, "step_tokens")
     step_finished = _step_shares(msg.step_finished, steps, len(finished), "step_finished")
@@ -174,11 +178,7 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
 def _step_shares(
     shares: Sequence[int], steps: tuple[int, ...], total: int, name: str
 ) -> tuple[int, ...]:
-    """Check one per-step split of ``total`` items against ``steps``."""
-    if not steps:
-        raise MalformedBatch("steps: a batch names at least one engine step")
-    if any(b <= a for a, b in itertools.pairwise(steps)):
-        raise MalformedBatch(f"steps: {list(steps)[:8]} is not strictly ascending")
+    """Check one per-step split of ``total`` items against ``steps`` (already checked)."""
     if not shares and len(steps) == 1:
         return ()
     if len(shares) != len(steps):
