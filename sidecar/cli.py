@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train-reference": ("sidecar.models.train", "train the bundled reference model"),
     "serve": ("sidecar.server.app", "run the sidecar: gRPC ingest, scoring, /metrics"),
     "demo": ("sidecar.demo", "engine + plugin + sidecar on the bundled default, live table"),
+    "models": ("sidecar.models.registry", "install and locate real models (never committed)"),
 }
 
 

@@ -18,11 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SPEC
-
-MODELS = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL = MODELS / "reference"
-DEFAULT_SPEC = MODELS / "reference_spec" / "spec.yaml"
 
 ORDINARY = (
     "def read_config(path):\n    with open(path) as handle:\n        return json.load(handle)\n",
@@ -56,8 +53,8 @@ def demo_prompts(round_index: int, per_kind: int) -> list[DemoPrompt]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory")
-    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="circuit spec YAML")
+    parser.add_argument("--model", type=Path, default=REFERENCE_DIR, help="model directory")
+    parser.add_argument("--spec", type=Path, default=REFERENCE_SPEC, help="circuit spec YAML")
     parser.add_argument("--metrics-port", type=int, default=9464, help="/metrics port (0: any)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of requests to send")
     parser.add_argument("--per-kind", type=int, default=3, help="requests of each kind a round")

@@ -20,7 +20,7 @@ from sidecar.discover.induction import (
 )
 from sidecar.discover.probe_training import auroc, fit_logistic, train_repeat_probe
 from sidecar.discover.report import held_out_corpus, load_model
-from sidecar.models.train import REFERENCE_DIR
+from sidecar.models.registry import REFERENCE_DIR
 
 
 def one_hot_pattern(targets: list[int]) -> torch.Tensor:

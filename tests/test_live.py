@@ -19,6 +19,7 @@ import pytest
 from probe_engine_helpers import tiny_model_and_spec
 
 from sidecar.discover.scorer import ReferenceScorer
+from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
 from sidecar.probe.plugin import probe_flush, probe_stats
 from sidecar.protocol.batch import GENERATED
@@ -26,9 +27,6 @@ from sidecar.server.records import CollectingSink, RequestRecord
 from sidecar.server.service import Sidecar
 from sidecar.spec.load import load_spec
 
-MODELS = Path(__file__).resolve().parents[1] / "sidecar" / "models"
-REFERENCE_MODEL = MODELS / "reference"
-REFERENCE_SPEC = MODELS / "reference_spec" / "spec.yaml"
 MAX_TOKENS = 6
 # float32 in both paths, but different kernels (vLLM's CPU attention and fused RMSNorm vs
 # transformers' eager attention) and, in compiled mode, Inductor's fused reductions: the
@@ -190,9 +188,9 @@ def test_auroc_counts_ties_as_half():
 def test_induction_circuit_separates_repeated_from_ordinary_text(tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
     repeated, ordinary = _token_prompts(tokenizer, 12, seed=2)
-    with _live(REFERENCE_MODEL, REFERENCE_SPEC, tmp_path) as state:
+    with _live(REFERENCE_DIR, REFERENCE_SPEC, tmp_path) as state:
         _, records = _generate(state, repeated + ordinary)
     scores = [r.phase("prompt").circuit("induction").mean for r in records]
     auroc = _auroc(scores[:12], scores[12:])

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sidecar.models import data
+from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
 from sidecar.models.tokenizer import special_ids, train_tokenizer
 from sidecar.models.train import (
-    REFERENCE_DIR,
     ModelShape,
     TrainConfig,
     add_arguments,
@@ -23,7 +23,6 @@ from sidecar.models.train import (
 )
 from sidecar.spec.load import load_spec
 
-REFERENCE_SPEC = REFERENCE_DIR.with_name("reference_spec") / "spec.yaml"
 MAX_WEIGHT_BYTES = 20 * 1024 * 1024  # the brief's budget: the weights ship inside the package
 
 

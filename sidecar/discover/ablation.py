@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from sidecar.discover.hooks import hooks
 from sidecar.discover.induction import EvalSet, HeadRef, RepeatedTokens
 
 
@@ -41,18 +42,16 @@ class AblationResult:
 def head_means(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per layer, the mean ``o_proj`` input [n_heads * d_head] over all positions given."""
     means: list[torch.Tensor] = []
-    handles = [
-        layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda _m, args: means.append(args[0].detach().flatten(0, -2).mean(dim=0))
+    keep = [
+        (
+            layer.self_attn.o_proj,
+            "pre",
+            lambda _m, args: means.append(args[0].detach().flatten(0, -2).mean(dim=0)),
         )
         for layer in model.model.layers
     ]
-    try:
-        with torch.no_grad():
-            model(input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks(keep), torch.no_grad():
+        model(input_ids, use_cache=False)
     return tuple(means)
 
 
@@ -62,7 +61,7 @@ def ablated(
 ) -> Iterator[None]:
     """While inside, each head in ``heads`` outputs its mean ``hook_z`` (from ``head_means``)."""
     d_head = model.config.head_dim
-    handles = []
+    replacements = []
     for layer_index in sorted({h.layer for h in heads}):
         columns = torch.cat(
             [
@@ -78,13 +77,9 @@ def ablated(
             z[..., columns] = mean.to(z.dtype)
             return (z, *args[1:])
 
-        o_proj = model.model.layers[layer_index].self_attn.o_proj
-        handles.append(o_proj.register_forward_pre_hook(replace))
-    try:
+        replacements.append((model.model.layers[layer_index].self_attn.o_proj, "pre", replace))
+    with hooks(replacements):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def second_copy_loss(model: PreTrainedModel, repeated: RepeatedTokens) -> float:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sidecar.discover.hooks import hooks
 from sidecar.spec.sites import Site, SiteKind
 
 # What a hook reads: (module role, layer); the embedding has layer -1.
@@ -43,7 +44,6 @@ def capture(model: nn.Module, input_ids: torch.Tensor, sites: tuple[Site, ...]) 
             raise ValueError(f"site {site.name}: the model has {len(layers)} layers")
     taps = {tap for site in sites for tap in _taps_for(site)}
     seen: dict[_Tap, torch.Tensor] = {}
-    handles = []
 
     def keep_input(tap: _Tap):
         def hook(_module, args):
@@ -59,27 +59,21 @@ def capture(model: nn.Module, input_ids: torch.Tensor, sites: tuple[Site, ...]) 
 
         return hook
 
+    installed = []
     for role, layer in taps:
         if role == "embed":
-            handles.append(model.model.embed_tokens.register_forward_hook(keep_output((role, -1))))
+            installed.append((model.model.embed_tokens, "post", keep_output((role, -1))))
         elif role == "layer_out":
-            handles.append(layers[layer].register_forward_hook(keep_output((role, layer))))
+            installed.append((layers[layer], "post", keep_output((role, layer))))
         elif role == "o_proj_out":
-            module = layers[layer].self_attn.o_proj
-            handles.append(module.register_forward_hook(keep_output((role, layer))))
+            installed.append((layers[layer].self_attn.o_proj, "post", keep_output((role, layer))))
         elif role == "o_proj_in":
-            module = layers[layer].self_attn.o_proj
-            handles.append(module.register_forward_pre_hook(keep_input((role, layer))))
+            installed.append((layers[layer].self_attn.o_proj, "pre", keep_input((role, layer))))
         else:  # down_proj_in
-            module = layers[layer].mlp.down_proj
-            handles.append(module.register_forward_pre_hook(keep_input((role, layer))))
+            installed.append((layers[layer].mlp.down_proj, "pre", keep_input((role, layer))))
     batched = input_ids.dim() == 2
-    try:
-        with torch.no_grad():
-            logits = model(input_ids if batched else input_ids[None], use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks(installed), torch.no_grad():
+        logits = model(input_ids if batched else input_ids[None], use_cache=False).logits
     activations = {}
     for site in sites:
         value = _compose(site, seen).float()

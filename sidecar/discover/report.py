@@ -34,7 +34,7 @@ from sidecar.discover.induction import (
 )
 from sidecar.discover.probe_training import ProbeResult, train_repeat_probe
 from sidecar.models import data
-from sidecar.models.train import REFERENCE_DIR
+from sidecar.models.registry import REFERENCE_DIR
 
 
 @dataclass(frozen=True, eq=False)

@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from sidecar.discover.hooks import hooks
 from sidecar.discover.induction import head_scores, make_eval_set
 from sidecar.models import data
 from sidecar.models.tokenizer import VOCAB_SIZE, special_ids, train_tokenizer
 
 DEFAULT_THREADS = 2
-REFERENCE_DIR = Path(__file__).with_name("reference")  # the bundled model this script made
+
 PREVIOUS_TOKEN_HEAD = 0  # the one layer-0 head stage 1 trains
 
 
@@ -184,13 +185,13 @@ def switch_to_copying(model: LlamaForCausalLM, ids: torch.Tensor, init_std: floa
     """Stage 1 -> 2 (see the module docstring), measuring layer 0's output on ``ids``."""
     attn0 = model.model.layers[0].self_attn
     captured: list[torch.Tensor] = []
-    handle = attn0.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    keep = (attn0, "post", lambda _m, _a, out: captured.append(out[0]))
     with torch.no_grad():
         columns = torch.ones(attn0.o_proj.weight.shape[1], dtype=torch.bool)
         columns[_previous_token_columns(model)] = False
         attn0.o_proj.weight[:, columns] = 0.0  # the heads stage 1 silenced stay silent
-        model(ids)
-        handle.remove()
+        with hooks([keep]):
+            model(ids)
         ratio = (
             captured[0][:, 1:].norm(dim=-1).mean()
             / model.model.embed_tokens(ids)[:, 1:].norm(dim=-1).mean()
