@@ -27,10 +27,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sidecar.discover.capture import Captures, capture
-from sidecar.protocol.batch import GENERATED, PHASE_NAMES, PROMPT
+from sidecar.protocol.batch import GENERATED, PROMPT
 from sidecar.spec.identity import read_model_shape
 from sidecar.spec.load import check_model
-from sidecar.spec.schema import CircuitSpec, Component, ComponentKind
+from sidecar.spec.schema import PHASE_NAMES, CircuitSpec, Component, ComponentKind
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,8 @@ import numpy as np
 
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2
 
-PROMPT = 0
+PROMPT = 0  # index into PHASE_NAMES, the value of a token's phase on the wire
 GENERATED = 1
-PHASE_NAMES = ("prompt", "generation")
 
 # The sidecar accepts messages up to this size (gRPC's default, 4 MiB, is less than one
 # long prefill step of a wide spec); probes aim for far smaller ones (see ``row_bytes``).

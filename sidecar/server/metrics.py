@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sidecar.protocol.batch import PHASE_NAMES
 from sidecar.server.records import FINISHED_BY_ENGINE, FINISHED_BY_IDLE, RequestRecord
-from sidecar.spec.schema import Circuit
+from sidecar.spec.schema import PHASE_NAMES, Circuit
 
 _MAGNITUDES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 DEFAULT_SCORE_BUCKETS = tuple(sorted({-m for m in _MAGNITUDES} | {0.0} | set(_MAGNITUDES)))

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sidecar.protocol.batch import PHASE_NAMES
 from sidecar.server.records import (
     FINISHED_BY_IDLE,
     CircuitStats,
@@ -27,6 +26,7 @@ from sidecar.server.records import (
     RequestRecord,
     TokenScores,
 )
+from sidecar.spec.schema import PHASE_NAMES
 
 _NO_SLOT = -1
 

@@ -18,7 +18,17 @@ from safetensors import SafetensorError, safe_open
 
 from sidecar.spec.fields import FieldReader, SpecError, describe, format_spec_error
 from sidecar.spec.identity import ModelShape, model_hash, read_model_shape
-from sidecar.spec.schema import Circuit, CircuitSpec, Component, ComponentKind, ModelIdentity
+from sidecar.spec.schema import (
+    PHASE_NAMES,
+    Aggregation,
+    AggregationKind,
+    Calibration,
+    Circuit,
+    CircuitSpec,
+    Component,
+    ComponentKind,
+    ModelIdentity,
+)
 from sidecar.spec.sites import Site, SiteKind
 
 __all__ = ["SpecError", "check_model", "check_shape", "format_spec_error", "load_spec"]
@@ -166,7 +176,17 @@ def _circuits(
     for i, item in enumerate(fields.items("circuits", value)):
         field = f"circuits[{i}]"
         entry = fields.mapping(
-            field, item, ("name", "components"), ("description", "bias", "threshold")
+            field,
+            item,
+            ("name", "components"),
+            (
+                "description",
+                "bias",
+                "threshold",
+                "aggregation",
+                "verdict_thresholds",
+                "calibration",
+            ),
         )
         uses = entry["components"]
         if not isinstance(uses, dict) or not uses:
@@ -199,10 +219,81 @@ def _circuits(
                 bias=fields.number(f"{field}.bias", entry["bias"]) if "bias" in entry else 0.0,
                 description=description,
                 threshold=threshold,
+                aggregation=_aggregation(fields, f"{field}.aggregation", entry.get("aggregation")),
+                verdict_thresholds=_per_phase(
+                    fields, f"{field}.verdict_thresholds", entry.get("verdict_thresholds")
+                ),
+                calibration=_calibration(fields, f"{field}.calibration", entry.get("calibration")),
             )
         )
     fields.unique("circuits", [c.name for c in circuits])
     return tuple(circuits)
+
+
+# What each aggregation kind takes besides ``kind``, and the range of each parameter.
+_AGGREGATION_PARAMETERS = {
+    AggregationKind.MAX_ROLLING_MEAN: ("window",),
+    AggregationKind.EMA_MAX: ("alpha",),
+    AggregationKind.SOFTMAX_MAX: ("temperature",),
+}
+
+
+def _aggregation(fields: FieldReader, field: str, value: object) -> Aggregation:
+    if value is None:
+        return Aggregation()
+    entry = fields.mapping(field, value, ("kind",), ("window", "alpha", "temperature"))
+    kinds = [k.value for k in AggregationKind]
+    if entry["kind"] not in kinds:
+        raise fields.error(
+            f"{field}.kind", f"unknown aggregation {entry['kind']!r} (kinds: {', '.join(kinds)})"
+        )
+    kind = AggregationKind(entry["kind"])
+    takes = _AGGREGATION_PARAMETERS.get(kind, ())
+    for key in ("window", "alpha", "temperature"):
+        if key in takes and key not in entry:
+            raise fields.error(f"{field}.{key}", f"missing: aggregation {kind.value} needs it")
+        if key in entry and key not in takes:
+            raise fields.error(f"{field}.{key}", f"aggregation {kind.value} takes no {key}")
+    window = fields.index(f"{field}.window", entry["window"]) if "window" in entry else 0
+    if "window" in entry and window < 1:
+        raise fields.error(f"{field}.window", "must be at least 1 token")
+    alpha = fields.number(f"{field}.alpha", entry["alpha"]) if "alpha" in entry else 0.0
+    if "alpha" in entry and not 0.0 < alpha <= 1.0:
+        raise fields.error(f"{field}.alpha", f"must be in (0, 1], got {alpha}")
+    temperature = 0.0
+    if "temperature" in entry:
+        temperature = fields.number(f"{field}.temperature", entry["temperature"])
+        if temperature <= 0.0:
+            raise fields.error(f"{field}.temperature", f"must be > 0, got {temperature}")
+    return Aggregation(kind=kind, window=window, alpha=alpha, temperature=temperature)
+
+
+def _per_phase(fields: FieldReader, field: str, value: object) -> tuple[tuple[str, float], ...]:
+    """A mapping from phase name to a number (either phase may be left out)."""
+    if value is None:
+        return ()
+    entry = fields.mapping(field, value, (), PHASE_NAMES)
+    if not entry:
+        raise fields.error(field, f"empty: name at least one phase ({', '.join(PHASE_NAMES)})")
+    return tuple((phase, fields.number(f"{field}.{phase}", entry[phase])) for phase in entry)
+
+
+def _calibration(fields: FieldReader, field: str, value: object) -> Calibration | None:
+    if value is None:
+        return None
+    keys = ("target_fpr", "achieved_fpr", "requests", "data", "data_hash", "model_hash", "date",
+            "tool_version")  # fmt: skip
+    entry = fields.mapping(field, value, keys)
+    return Calibration(
+        target_fpr=fields.number(f"{field}.target_fpr", entry["target_fpr"]),
+        achieved_fpr=_per_phase(fields, f"{field}.achieved_fpr", entry["achieved_fpr"]),
+        requests=fields.index(f"{field}.requests", entry["requests"]),
+        data=fields.string(f"{field}.data", entry["data"]),
+        data_hash=fields.string(f"{field}.data_hash", entry["data_hash"]),
+        model_hash=fields.string(f"{field}.model_hash", entry["model_hash"]),
+        date=fields.string(f"{field}.date", str(entry["date"])),
+        tool_version=fields.string(f"{field}.tool_version", entry["tool_version"]),
+    )
 
 
 class _DirectionFiles:

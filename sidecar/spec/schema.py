@@ -20,6 +20,9 @@ import torch
 
 from sidecar.spec.sites import Site
 
+# A request's two phases: its prompt tokens, then the tokens it generated (fed back).
+PHASE_NAMES = ("prompt", "generation")
+
 
 class ComponentKind(str, Enum):
     HEAD = "head"
@@ -36,6 +39,39 @@ class Component:
     bias: float = 0.0
 
 
+class AggregationKind(str, Enum):
+    """How a request's per-token scores in one phase become one number (FORMAT.md)."""
+
+    MEAN = "mean"
+    MAX = "max"
+    LAST = "last"  # the phase's final token: for the prompt, where the model settles its answer
+    EMA_MAX = "ema_max"  # exponential moving average (``alpha``), then its max
+    MAX_ROLLING_MEAN = "max_rolling_mean"  # max over the means of ``window`` consecutive tokens
+    SOFTMAX_MAX = "softmax_max"  # temperature * logsumexp(score / temperature): a smooth max
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    kind: AggregationKind = AggregationKind.MEAN
+    window: int = 0  # max_rolling_mean: tokens per window
+    alpha: float = 0.0  # ema_max: weight of the newest token, in (0, 1]
+    temperature: float = 0.0  # softmax_max: > 0; small tends to max, large to a sum
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where a circuit's verdict thresholds came from (written by ``circuitwatch calibrate``)."""
+
+    target_fpr: float
+    achieved_fpr: tuple[tuple[str, float], ...]  # (phase, false-positive rate on the data)
+    requests: int
+    data: str  # what the benign data was (a file name or a description)
+    data_hash: str
+    model_hash: str
+    date: str
+    tool_version: str
+
+
 @dataclass(frozen=True)
 class Circuit:
     name: str
@@ -43,6 +79,13 @@ class Circuit:
     bias: float = 0.0
     description: str = ""
     threshold: float | None = None  # a per-token score above it counts as "firing"
+    aggregation: Aggregation = Aggregation()
+    # (phase, threshold): a request whose aggregate in that phase is above it is flagged
+    verdict_thresholds: tuple[tuple[str, float], ...] = ()
+    calibration: Calibration | None = None
+
+    def verdict_threshold(self, phase: str) -> float | None:
+        return dict(self.verdict_thresholds).get(phase)
 
 
 @dataclass(frozen=True)

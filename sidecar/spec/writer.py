@@ -7,7 +7,7 @@ project writes is always one it accepts. Refused before anything is written: a c
 no members, a weight, bias or threshold that is not finite, a direction that is not a finite
 1-D vector, two entries with the same name.
 
-No torch here: directions are anything ``numpy.asarray`` turns into a float vector.
+Directions are anything ``numpy.asarray`` turns into a float vector (tensors, arrays, lists).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 from safetensors.numpy import save_file
+
+from sidecar.spec.load import load_spec
+from sidecar.spec.schema import Aggregation, AggregationKind, Calibration
 
 DIRECTIONS_FILE = "directions.safetensors"
 
@@ -41,9 +44,10 @@ class CircuitEntry:
     weights: Mapping[str, float]  # component name -> weight
     description: str = ""
     bias: float = 0.0
-    threshold: float | None = None
-    # Further keys of the circuit's mapping, written as given (e.g. calibration provenance).
-    extra: Mapping[str, object] = field(default_factory=dict)
+    threshold: float | None = None  # per token: counts as firing
+    aggregation: Aggregation = Aggregation()
+    verdict_thresholds: Mapping[str, float] = field(default_factory=dict)  # phase -> threshold
+    calibration: Calibration | None = None
 
 
 def write_spec(
@@ -74,9 +78,6 @@ def write_spec(
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     path = folder / "spec.yaml"
     path.write_text(comment + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
-    # Imported here so that writing stays usable where loading's torch is not installed.
-    from sidecar.spec.load import load_spec
-
     load_spec(path)
     return path
 
@@ -110,6 +111,8 @@ def _check(components: Sequence[ComponentEntry], circuits: Sequence[CircuitEntry
         _finite(f"circuit {circuit.name}: bias", circuit.bias)
         if circuit.threshold is not None:
             _finite(f"circuit {circuit.name}: threshold", circuit.threshold)
+        for phase, threshold in circuit.verdict_thresholds.items():
+            _finite(f"circuit {circuit.name}: verdict threshold ({phase})", threshold)
 
 
 def _finite(what: str, value: float) -> None:
@@ -141,5 +144,34 @@ def _circuit(c: CircuitEntry) -> dict:
     entry["bias"] = _round(c.bias)
     if c.threshold is not None:
         entry["threshold"] = _round(c.threshold)
-    entry.update(c.extra)
+    if c.aggregation != Aggregation():
+        entry["aggregation"] = _aggregation(c.aggregation)
+    if c.verdict_thresholds:
+        entry["verdict_thresholds"] = {p: _round(t) for p, t in c.verdict_thresholds.items()}
+    if c.calibration is not None:
+        entry["calibration"] = _calibration(c.calibration)
     return entry
+
+
+def _aggregation(a: Aggregation) -> dict:
+    entry: dict = {"kind": a.kind.value}
+    if a.kind is AggregationKind.MAX_ROLLING_MEAN:
+        entry["window"] = a.window
+    elif a.kind is AggregationKind.EMA_MAX:
+        entry["alpha"] = _round(a.alpha)
+    elif a.kind is AggregationKind.SOFTMAX_MAX:
+        entry["temperature"] = _round(a.temperature)
+    return entry
+
+
+def _calibration(c: Calibration) -> dict:
+    return {
+        "target_fpr": c.target_fpr,
+        "achieved_fpr": {phase: _round(rate) for phase, rate in c.achieved_fpr},
+        "requests": c.requests,
+        "data": c.data,
+        "data_hash": c.data_hash,
+        "model_hash": c.model_hash,
+        "date": c.date,
+        "tool_version": c.tool_version,
+    }
