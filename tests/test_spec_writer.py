@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from sidecar.spec.aggregation import aggregate
 from sidecar.spec.load import load_spec
 from sidecar.spec.schema import Aggregation, AggregationKind, Calibration
 from sidecar.spec.writer import CircuitEntry, ComponentEntry, write_spec
@@ -106,3 +107,26 @@ def test_refuses_before_writing(tmp_path, components, circuits, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         write_spec(tmp_path, "tiny", HASH, components, circuits)
     assert not (tmp_path / "spec.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    [
+        (Aggregation(), 1.5),
+        (Aggregation(AggregationKind.MAX), 4.0),
+        (Aggregation(AggregationKind.LAST), 2.0),
+        # e = 1, 0.5*4+0.5*1 = 2.5, 0.5*(-1)+0.5*2.5 = 0.75, 0.5*2+0.5*0.75 = 1.375
+        (Aggregation(AggregationKind.EMA_MAX, alpha=0.5), 2.5),
+        # windows of 2: (1+4)/2, (4-1)/2, (-1+2)/2
+        (Aggregation(AggregationKind.MAX_ROLLING_MEAN, window=2), 2.5),
+        (Aggregation(AggregationKind.MAX_ROLLING_MEAN, window=9), 1.5),
+        # weights e^(s-4): e^-3, 1, e^-5, e^-2
+        (
+            Aggregation(AggregationKind.SOFTMAX_MAX, temperature=1.0),
+            (1 * math.exp(-3) + 4 + -1 * math.exp(-5) + 2 * math.exp(-2))
+            / (math.exp(-3) + 1 + math.exp(-5) + math.exp(-2)),
+        ),
+    ],
+)
+def test_aggregations_by_hand(aggregation, expected):
+    assert aggregate(np.array([1.0, 4.0, -1.0, 2.0]), aggregation) == pytest.approx(expected)

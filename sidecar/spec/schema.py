@@ -47,7 +47,7 @@ class AggregationKind(str, Enum):
     LAST = "last"  # the phase's final token: for the prompt, where the model settles its answer
     EMA_MAX = "ema_max"  # exponential moving average (``alpha``), then its max
     MAX_ROLLING_MEAN = "max_rolling_mean"  # max over the means of ``window`` consecutive tokens
-    SOFTMAX_MAX = "softmax_max"  # temperature * logsumexp(score / temperature): a smooth max
+    SOFTMAX_MAX = "softmax_max"  # scores weighted by softmax(score / temperature): a smooth max
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Aggregation:
     kind: AggregationKind = AggregationKind.MEAN
     window: int = 0  # max_rolling_mean: tokens per window
     alpha: float = 0.0  # ema_max: weight of the newest token, in (0, 1]
-    temperature: float = 0.0  # softmax_max: > 0; small tends to max, large to a sum
+    temperature: float = 0.0  # softmax_max: > 0; small tends to the max, large to the mean
 
 
 @dataclass(frozen=True)
