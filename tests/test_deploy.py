@@ -37,6 +37,7 @@ SIDECAR_METRICS = {
     "circuitwatch_samples_dropped_total": {"model_name", "reason"},
     "circuitwatch_ingest_errors_total": {"reason"},
     "circuitwatch_circuit_firing_tokens_total": {"circuit", "model_name"},
+    "circuitwatch_verdicts_total": {"circuit", "model_name", "phase", "verdict"},
     "circuitwatch_live_requests": {"model_name"},
     "circuitwatch_token_to_metric_seconds": {"model_name"},
     "circuitwatch_build_info": {"version", "spec_hash", "model_hash", "model_name"},

@@ -26,7 +26,15 @@ import yaml
 
 from sidecar.protocol.batch import GENERATED, PROMPT, TokenBatch, to_message
 from sidecar.server.service import Sidecar
-from sidecar.spec.schema import Circuit, CircuitSpec, Component, ComponentKind, ModelIdentity
+from sidecar.spec.schema import (
+    Aggregation,
+    AggregationKind,
+    Circuit,
+    CircuitSpec,
+    Component,
+    ComponentKind,
+    ModelIdentity,
+)
 from sidecar.spec.sites import Site
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -36,7 +44,15 @@ SPEC = CircuitSpec(
     path=Path("spec.yaml"),
     model=ModelIdentity(MODEL, "sha256:" + "0" * 64),
     components=(Component("l1h2", ComponentKind.HEAD, Site.parse("blocks.1.attn.hook_z"), head=2),),
-    circuits=(Circuit("induction", weights=(1.0,), threshold=1.5),),
+    circuits=(
+        Circuit(
+            "induction",
+            weights=(1.0,),
+            threshold=1.5,
+            aggregation=Aggregation(AggregationKind.EMA_MAX, alpha=0.5),
+            verdict_thresholds=(("prompt", 0.0), ("generation", 1.5)),
+        ),
+    ),
     hash=SPEC_HASH,
 )
 
@@ -143,6 +159,7 @@ def test_dashboard_and_rules_find_series_in_a_real_scrape(prometheus_binary, tmp
         "circuitwatch:circuit_score_mean:p95_5m",
         "circuitwatch:circuit_score_max:p95_5m",
         "circuitwatch:circuit_firing_tokens:ratio_rate5m",
+        "circuitwatch:verdicts_flagged:ratio_rate5m",
         "circuitwatch:samples_dropped:ratio_rate5m",
     ]
     listen = f"unix://{tmp_path}/ingest.sock"

@@ -9,15 +9,21 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.protocol.batch import GENERATED, PROMPT, TokenBatch
 from sidecar.server.join import RankJoiner
-from sidecar.server.metrics import SidecarMetrics
+from sidecar.server.metrics import MetricsSink, SidecarMetrics
 from sidecar.server.pipeline import Pipeline, Rejected
 from sidecar.server.records import CollectingSink
 from sidecar.server.requests import RequestTable
 from sidecar.server.scoring import Scorer
-from sidecar.spec.schema import Circuit, CircuitSpec, Component, ComponentKind, ModelIdentity
+from sidecar.spec.schema import (
+    Aggregation,
+    AggregationKind,
+    Circuit,
+    CircuitSpec,
+    Component,
+    ComponentKind,
+    ModelIdentity,
+)
 from sidecar.spec.sites import Site
-
-CIRCUITS = ("a", "b")
 
 
 def make_spec() -> CircuitSpec:
@@ -32,6 +38,9 @@ def make_spec() -> CircuitSpec:
         ),
         hash="sha256:" + "1" * 64,
     )
+
+
+CIRCUITS = make_spec().circuits
 
 
 def add(table, request_ids, index, phases, scores, now, positions=None):
@@ -75,7 +84,7 @@ def test_aggregates_match_numpy_over_shuffled_interleaved_batches():
                 continue
             assert stats.tokens == len(mine)
             for c, circuit in enumerate(CIRCUITS):
-                got = stats.circuit(circuit)
+                got = stats.circuit(circuit.name)
                 assert got.mean == pytest.approx(mine[:, c].mean(), rel=1e-6, abs=1e-6)
                 assert got.max == pytest.approx(mine[:, c].max(), rel=1e-6)
                 assert got.min == pytest.approx(mine[:, c].min(), rel=1e-6)
@@ -236,12 +245,12 @@ def test_steps_given_up_count_once_through_rank_zero():
     assert [(d.reason, d.tokens) for d in joiner.expire(3.5)] == [("tp_join_timeout", 3)]
 
 
-def make_pipeline(**kwargs):
-    spec = make_spec()
+def make_pipeline(spec=None, **kwargs):
+    spec = spec or make_spec()
     registry = CollectorRegistry()
     sink = CollectingSink()
     metrics = SidecarMetrics(registry, spec.circuits)
-    pipeline = Pipeline(Scorer.from_spec(spec), metrics, [sink], **kwargs)
+    pipeline = Pipeline(Scorer.from_spec(spec), metrics, [MetricsSink(metrics), sink], **kwargs)
     return pipeline, registry, sink
 
 
@@ -286,3 +295,33 @@ def test_pipeline_tick_expires_joins_and_idle_requests():
     assert sorted(r.request_id for r in sink.records) == ["x", "y"]
     assert {r.finished_by for r in sink.records} == {"idle"}
     assert registry.get_sample_value("circuitwatch_live_requests", {"model_name": "tiny"}) == 0
+
+
+def test_pipeline_exports_configured_aggregates_and_verdicts():
+    last = Aggregation(AggregationKind.LAST)
+    circuits = (
+        Circuit("a", (1.0, 0.0, 0.0), aggregation=last, verdict_thresholds=(("prompt", 1.5),)),
+        Circuit("b", (1.0, 0.0, 0.0)),
+    )
+    pipeline, registry, sink = make_pipeline(replace(make_spec(), circuits=circuits))
+    values = [[2, 0, 0], [1, 0, 0], [3, 0, 0]]  # x: 2 then 1, y: 3
+    pipeline.ingest(rank_batch(0, 1, [0, 1, 2], values, world_size=1, finished=["x", "y"]), 1.0)
+    by_id = {r.request_id: r.phase("prompt").circuit("a") for r in sink.records}
+    assert (by_id["x"].aggregate, by_id["x"].verdict) == (1.0, "clear")
+    assert (by_id["y"].aggregate, by_id["y"].verdict) == (3.0, "flagged")
+
+    def verdicts(circuit, phase, verdict):
+        labels = {"circuit": circuit, "model_name": "tiny", "phase": phase, "verdict": verdict}
+        return registry.get_sample_value("circuitwatch_verdicts_total", labels)
+
+    assert verdicts("a", "prompt", "flagged") == 1 and verdicts("a", "prompt", "clear") == 1
+    assert verdicts("a", "generation", "clear") is None and verdicts("b", "prompt", "clear") is None
+
+    def scores(circuit, aggregation, suffix="_count", **extra):
+        labels = {"circuit": circuit, "model_name": "tiny", "phase": "prompt"}
+        labels.update(aggregation=aggregation, **extra)
+        return registry.get_sample_value(f"circuitwatch_circuit_score{suffix}", labels)
+
+    assert scores("a", "last") == 2 and scores("a", "mean") == 2 and scores("a", "max") == 2
+    assert scores("b", "last") is None and scores("b", "mean") == 2
+    assert scores("a", "last", "_bucket", le="1.5") == 1  # the verdict threshold is a bucket

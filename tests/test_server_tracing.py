@@ -42,8 +42,8 @@ def test_span_covers_the_request_and_carries_its_aggregates():
         model_name="tiny",
         finished_by="idle",
         phases=(
-            PhaseStats("prompt", 3, (CircuitStats("induction", 0.5, 2.0, -1.0),)),
-            PhaseStats("generation", 2, (CircuitStats("induction", 1.5, 1.75, 1.25),)),
+            PhaseStats("prompt", 3, (CircuitStats("induction", 0.5, 2.0, -1.0, 1.25, "flagged"),)),
+            PhaseStats("generation", 2, (CircuitStats("induction", 1.5, 1.75, 1.25, 1.5),)),
         ),
         first_received=time.monotonic() - 2.0,
         tokens=TokenScores(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros((0, 1))),
@@ -60,7 +60,10 @@ def test_span_covers_the_request_and_carries_its_aggregates():
         "circuitwatch.tokens.prompt": 3,
         "circuitwatch.circuit.induction.prompt.mean": 0.5,
         "circuitwatch.circuit.induction.prompt.max": 2.0,
+        "circuitwatch.circuit.induction.prompt.aggregate": 1.25,
+        "circuitwatch.circuit.induction.prompt.verdict": "flagged",
         "circuitwatch.tokens.generation": 2,
         "circuitwatch.circuit.induction.generation.mean": 1.5,
         "circuitwatch.circuit.induction.generation.max": 1.75,
+        "circuitwatch.circuit.induction.generation.aggregate": 1.5,
     }

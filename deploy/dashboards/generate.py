@@ -54,20 +54,34 @@ class Row:
 
 
 def score_quantiles(phase: str) -> tuple[Query, ...]:
-    """p50/p95/p99 of per-request mean scores and p95 of per-request max scores."""
+    """p50/p95/p99 of per-request mean scores, p95 of per-request max scores and p95 of
+    the circuit's configured aggregate where the spec configures another kind."""
 
-    def quantile(q: float, aggregation: str) -> str:
-        selector = f'{MODEL},circuit="$circuit",phase="{phase}",aggregation="{aggregation}"'
+    def quantile(q: float, aggregation: str, by: str = "le") -> str:
+        selector = f'{MODEL},circuit="$circuit",phase="{phase}",aggregation{aggregation}'
         return (
-            f"histogram_quantile({q}, sum by (le) "
+            f"histogram_quantile({q}, sum by ({by}) "
             f"(rate(circuitwatch_circuit_score_bucket{{{selector}}}{RATE})))"
         )
 
     return (
-        Query(quantile(0.5, "mean"), "p50 of request means"),
-        Query(quantile(0.95, "mean"), "p95 of request means"),
-        Query(quantile(0.99, "mean"), "p99 of request means"),
-        Query(quantile(0.95, "max"), "p95 of request maxima"),
+        Query(quantile(0.5, '="mean"'), "p50 of request means"),
+        Query(quantile(0.95, '="mean"'), "p95 of request means"),
+        Query(quantile(0.99, '="mean"'), "p99 of request means"),
+        Query(quantile(0.95, '="max"'), "p95 of request maxima"),
+        Query(quantile(0.95, '!~"mean|max"', "le, aggregation"), "p95 of request {{aggregation}}"),
+    )
+
+
+def flagged_share() -> Query:
+    """Share of finished requests flagged by each circuit's verdict threshold, per phase."""
+    selector = f"{MODEL},{CIRCUIT}"
+    return Query(
+        "sum by (circuit, phase) (rate(circuitwatch_verdicts_total"
+        f'{{{selector},verdict="flagged"}}{RATE}))'
+        " / sum by (circuit, phase) "
+        f"(rate(circuitwatch_verdicts_total{{{selector}}}{RATE}))",
+        "{{circuit}} {{phase}}",
     )
 
 
@@ -124,6 +138,17 @@ def rows() -> tuple[Row, ...]:
                     ),
                 ),
                 unit="short",
+                width=8,
+            ),
+            Panel(
+                "Flagged requests",
+                "Share of finished requests whose configured aggregate is above the circuit's "
+                "verdict threshold, per phase (circuits with verdict thresholds only). "
+                "Thresholds calibrated at a target false-positive rate should stay near it on "
+                "benign traffic.",
+                (flagged_share(),),
+                unit="percentunit",
+                width=8,
             ),
             Panel(
                 "Tokens sampled",
@@ -136,6 +161,7 @@ def rows() -> tuple[Row, ...]:
                     ),
                 ),
                 unit="short",
+                width=8,
             ),
         ),
     )

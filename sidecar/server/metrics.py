@@ -1,16 +1,26 @@
 """Every Prometheus metric the sidecar exports, declared in one place, on a registry passed in.
 
 Names follow ``circuitwatch_<thing>_<unit>``; counters end in ``_total``. Labels are
-bounded: ``circuit`` comes from the spec, ``phase``/``aggregation``/``finished_by`` are
-fixed sets, and values that come from senders (``model_name``, the probe's drop
+bounded: ``circuit`` comes from the spec, ``phase``/``aggregation``/``finished_by``/
+``verdict`` are fixed sets, and values that come from senders (``model_name``, the probe's drop
 ``reason``) are cut to a fixed number of distinct values, the rest reported as "other".
 
 ``circuitwatch_circuit_score`` buckets: scores are unbounded reals centred near zero, so
 the default buckets are symmetric, 1-2-5 steps from 0.1 to 100 on both sides of 0. Every
-circuit threshold in the spec is added as a bucket boundary, so the share of requests
-whose mean or max is above a circuit's threshold can be read exactly from ``le``. With
+circuit threshold and verdict threshold in the spec is added as a bucket boundary, so the
+share of requests whose aggregate is above one can be read exactly from ``le``. With
 buckets below zero prometheus_client exposes no ``_sum`` (OpenMetrics: a sum of values
 that can be negative is not a counter); use ``histogram_quantile`` for typical scores.
+Every circuit is observed with ``aggregation`` "mean" and "max", and, when its spec
+configures another aggregation, with that kind too ("last", "ema_max", ...): at most
+three series per circuit and phase, and the configured one always present.
+
+``circuitwatch_verdicts_total`` counts finished requests per circuit, phase and verdict
+("flagged": the phase's configured aggregate is above the circuit's verdict threshold,
+else "clear"), for the circuits and phases that have a verdict threshold. Both verdicts'
+series exist from a model's first batch, so the flagged share
+``sum(rate(..{verdict="flagged"})) / sum(rate(..))`` is 0, not absent, while none is
+flagged (recorded as ``circuitwatch:verdicts_flagged:ratio_rate5m``).
 
 ``circuitwatch_token_to_metric_seconds`` measures, per request, from the arrival of the
 request's first tokens to its record being observed: the longest any of its tokens waited
@@ -26,13 +36,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sidecar.server.records import FINISHED_BY_ENGINE, FINISHED_BY_IDLE, RequestRecord
-from sidecar.spec.schema import PHASE_NAMES, Circuit
+from sidecar.server.records import FINISHED_BY_ENGINE, FINISHED_BY_IDLE, VERDICTS, RequestRecord
+from sidecar.spec.schema import PHASE_NAMES, AggregationKind, Circuit
 
 _MAGNITUDES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 DEFAULT_SCORE_BUCKETS = tuple(sorted({-m for m in _MAGNITUDES} | {0.0} | set(_MAGNITUDES)))
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-AGGREGATIONS = ("mean", "max")
+AGGREGATIONS = ("mean", "max")  # observed for every circuit, besides its configured kind
 OTHER = "other"
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 
@@ -61,7 +71,10 @@ class _ModelSeries:
     tokens: tuple[Counter, ...]  # by phase
     firing: tuple[Counter, ...]  # by circuit in SidecarMetrics.firing_circuits
     live: Gauge
-    scores: tuple[tuple[tuple[Histogram, ...], ...], ...]  # [phase][aggregation][circuit]
+    # [phase][circuit] -> by aggregation: mean, max, then the configured kind if another
+    scores: tuple[tuple[tuple[Histogram, ...], ...], ...]
+    # [phase][circuit] -> by verdict; empty where the circuit has no threshold for the phase
+    verdicts: tuple[tuple[dict[str, Counter], ...], ...]
     requests: dict[str, Counter]  # by finished_by
 
 
@@ -74,9 +87,11 @@ class SidecarMetrics:
         max_models: int = 16,
         max_drop_reasons: int = 32,
     ) -> None:
+        self.circuits = tuple(circuits)
         self.circuit_names = tuple(c.name for c in circuits)
         self.firing_circuits = tuple(i for i, c in enumerate(circuits) if c.threshold is not None)
         thresholds = {c.threshold for c in circuits if c.threshold is not None}
+        thresholds |= {t for c in circuits for _, t in c.verdict_thresholds}
         self.model_label = BoundedLabel(max_models)
         self.reason_label = BoundedLabel(max_drop_reasons)
         buckets = sorted(set(score_buckets) | thresholds)
@@ -130,6 +145,13 @@ class SidecarMetrics:
             ["circuit", "model_name"],
             registry=registry,
         )
+        self.counter_verdicts = Counter(
+            "circuitwatch_verdicts_total",
+            "Finished requests by verdict: flagged when the phase's configured aggregate is "
+            "above the circuit's verdict threshold, else clear.",
+            ["circuit", "model_name", "phase", "verdict"],
+            registry=registry,
+        )
         self.gauge_live_requests = Gauge(
             "circuitwatch_live_requests",
             "Requests with aggregation state in the sidecar.",
@@ -164,7 +186,13 @@ class SidecarMetrics:
         self.counter_ingest_errors.labels(reason).inc()
 
     def _resolve(self, model_name: str) -> _ModelSeries:
-        score = self.histogram_circuit_score
+        score, verdicts = self.histogram_circuit_score, self.counter_verdicts
+
+        def aggregations(circuit: Circuit) -> tuple[str, ...]:
+            kind = circuit.aggregation.kind
+            mean_or_max = kind in (AggregationKind.MEAN, AggregationKind.MAX)
+            return AGGREGATIONS if mean_or_max else (*AGGREGATIONS, kind.value)
+
         return _ModelSeries(
             batches=self.counter_batches_received.labels(model_name),
             tokens=tuple(self.counter_tokens_sampled.labels(model_name, p) for p in PHASE_NAMES),
@@ -175,8 +203,17 @@ class SidecarMetrics:
             live=self.gauge_live_requests.labels(model_name),
             scores=tuple(
                 tuple(
-                    tuple(score.labels(c, model_name, phase, agg) for c in self.circuit_names)
-                    for agg in AGGREGATIONS
+                    tuple(score.labels(c.name, model_name, phase, a) for a in aggregations(c))
+                    for c in self.circuits
+                )
+                for phase in PHASE_NAMES
+            ),
+            verdicts=tuple(
+                tuple(
+                    {v: verdicts.labels(c.name, model_name, phase, v) for v in VERDICTS}
+                    if c.verdict_threshold(phase) is not None
+                    else {}
+                    for c in self.circuits
                 )
                 for phase in PHASE_NAMES
             ),
@@ -188,7 +225,7 @@ class SidecarMetrics:
 
 
 class MetricsSink:
-    """Observes each finished request's aggregates into the score histograms."""
+    """Observes each finished request's aggregates and verdicts."""
 
     def __init__(self, metrics: SidecarMetrics) -> None:
         self.metrics = metrics
@@ -196,12 +233,16 @@ class MetricsSink:
     def emit(self, record: RequestRecord) -> None:
         series = self.metrics.model(record.model_name)
         for stats in record.phases:
-            by_aggregation = series.scores[PHASE_NAMES.index(stats.phase)]
-            for circuit, mean_child, max_child in zip(
-                stats.circuits, by_aggregation[0], by_aggregation[1], strict=True
+            phase = PHASE_NAMES.index(stats.phase)
+            for circuit, children, verdicts in zip(
+                stats.circuits, series.scores[phase], series.verdicts[phase], strict=True
             ):
-                mean_child.observe(circuit.mean)
-                max_child.observe(circuit.max)
+                # mean, max and (only where the circuit configures another kind) aggregate
+                values = (circuit.mean, circuit.max, circuit.aggregate)
+                for child, value in zip(children, values, strict=False):
+                    child.observe(value)
+                if circuit.verdict is not None:
+                    verdicts[circuit.verdict].inc()
         series.requests[record.finished_by].inc()
         self.metrics.histogram_token_to_metric_seconds.labels(record.model_name).observe(
             time.monotonic() - record.first_received

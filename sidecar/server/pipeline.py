@@ -48,7 +48,7 @@ class Pipeline:
         self.metrics = metrics
         self.sinks = tuple(sinks)
         self.idle_timeout = idle_timeout
-        self.requests = RequestTable(scorer.circuit_names, max_requests, keep_token_scores)
+        self.requests = RequestTable(scorer.circuits, max_requests, keep_token_scores)
         self.joiner = RankJoiner(join_timeout)
 
     def ingest(self, batch: TokenBatch, now: float) -> None:

@@ -17,6 +17,10 @@ import numpy as np
 
 FINISHED_BY_ENGINE = "engine"
 FINISHED_BY_IDLE = "idle"
+# A request's verdict in a phase where its circuit has a verdict threshold.
+FLAGGED = "flagged"  # the phase's aggregate is above the threshold
+CLEAR = "clear"
+VERDICTS = (FLAGGED, CLEAR)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class CircuitStats:
     mean: float
     max: float
     min: float
+    aggregate: float  # the circuit's configured aggregation (sidecar.spec.aggregation)
+    verdict: str | None = None  # FLAGGED | CLEAR; None without a threshold for this phase
 
 
 @dataclass(frozen=True)

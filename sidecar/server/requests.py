@@ -1,10 +1,15 @@
 """Per-request running aggregates, bounded, updated a whole batch at a time.
 
 State lives in preallocated arrays indexed by *slot* (one slot per live request):
-token count, sum, max and min of every circuit's score, per phase. A batch updates them
-with a sort + ``reduceat`` over (slot, phase) groups and one fancy-indexed write per
-array, so the Python work per batch is one loop over the batch's distinct requests
-(to find their slots), never over tokens.
+token count, sum, max and min of every circuit's score, per phase, and the state of each
+circuit's configured aggregation (``streaming``). A batch updates them with a sort +
+``reduceat`` over (slot, phase) groups and one fancy-indexed write per array, so the
+Python work per batch is one loop over the batch's distinct requests (to find their
+slots), never over tokens. Within a group tokens are taken in position order (a
+request's batches arrive in step order), which the order-dependent aggregations need.
+
+A finished request's record carries, per phase, each circuit's mean, max, min, configured
+aggregate and, where the circuit has a verdict threshold for the phase, its verdict.
 
 A request finishes when the engine says so (``finish``) or when no data arrived for it
 for the idle timeout (``expire``). At most ``max_requests`` are live; a new request
@@ -15,18 +20,22 @@ dropped instead of opening a second record.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from sidecar.server.records import (
+    CLEAR,
     FINISHED_BY_IDLE,
+    FLAGGED,
     CircuitStats,
     PhaseStats,
     RequestRecord,
     TokenScores,
 )
-from sidecar.spec.schema import PHASE_NAMES
+from sidecar.server.streaming import StreamingAggregates
+from sidecar.spec.schema import PHASE_NAMES, Circuit
 
 _NO_SLOT = -1
 
@@ -50,18 +59,25 @@ class _Kept:
 
 class RequestTable:
     def __init__(
-        self, circuit_names: tuple[str, ...], max_requests: int, keep_token_scores: int = 0
+        self, circuits: Sequence[Circuit], max_requests: int, keep_token_scores: int = 0
     ) -> None:
         if max_requests < 1:
             raise ValueError(f"max_requests must be at least 1, got {max_requests}")
-        self.circuit_names = circuit_names
+        self.circuit_names = tuple(c.name for c in circuits)
         self.max_requests = max_requests
         self.keep_token_scores = keep_token_scores
-        slots, circuits, phases = max_requests, len(circuit_names), len(PHASE_NAMES)
+        slots, phases = max_requests, len(PHASE_NAMES)
+        # [phase, circuit] verdict threshold, NaN where the circuit has none for the phase
+        self._verdict_thresholds = np.array(
+            [[np.nan if (t := c.verdict_threshold(p)) is None else t for c in circuits]
+             for p in PHASE_NAMES]
+        )  # fmt: skip
+        self._streaming = StreamingAggregates([c.aggregation for c in circuits], slots * phases)
+        width = len(self.circuit_names)
         self._count = np.zeros((slots, phases), dtype=np.int64)
-        self._sum = np.zeros((slots, phases, circuits), dtype=np.float64)
-        self._max = np.full((slots, phases, circuits), -np.inf, dtype=np.float64)
-        self._min = np.full((slots, phases, circuits), np.inf, dtype=np.float64)
+        self._sum = np.zeros((slots, phases, width), dtype=np.float64)
+        self._max = np.full((slots, phases, width), -np.inf, dtype=np.float64)
+        self._min = np.full((slots, phases, width), np.inf, dtype=np.float64)
         self._first_seen = np.zeros(slots, dtype=np.float64)
         self._last_seen = np.full(slots, np.inf, dtype=np.float64)  # inf marks a free slot
         self._slot_of: dict[str, int] = {}
@@ -98,15 +114,19 @@ class RequestTable:
             return dropped
         if self.keep_token_scores:
             self._keep(slot_of_request[request_index], positions, phases, scores)
-        # Group by (request in this batch, phase): engines list a request's tokens together,
-        # so the keys usually arrive sorted and the sort is skipped.
+        # Group by (request in this batch, phase), positions ascending within a group:
+        # engines list a request's tokens together and in order, so the sort is usually
+        # skipped.
         keys = request_index.astype(np.int64) * 2 + phases
-        if keys.size > 1 and bool((keys[1:] < keys[:-1]).any()):
-            order = np.argsort(keys, kind="stable")
-            keys, scores = keys[order], scores[order]
+        if keys.size > 1:
+            step, rise = np.diff(keys), np.diff(positions.astype(np.int64))
+            if bool(((step < 0) | ((step == 0) & (rise < 0))).any()):
+                order = np.lexsort((positions, keys))
+                keys, scores = keys[order], scores[order]
         starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
         groups = keys[starts]
         groups = slot_of_request[groups >> 1] * 2 + (groups & 1)  # -> rows of the state arrays
+        self._streaming.update(groups, starts, self._count.reshape(-1)[groups], scores)
         if starts.size == keys.size:  # one token per group, as in pure decode steps
             counts, sums, maxima, minima = 1, scores, scores, scores
         else:
@@ -190,6 +210,7 @@ class RequestTable:
         self._sum[slot] = 0.0
         self._max[slot] = -np.inf
         self._min[slot] = np.inf
+        self._streaming.clear(slot * 2 + np.arange(2))
         self._last_seen[slot] = np.inf
         self._kept[slot] = None
         self._free.append(slot)
@@ -229,13 +250,22 @@ class RequestTable:
             if count == 0:
                 continue
             means = self._sum[slot, phase] / count
+            highs = self._max[slot, phase]
+            aggregates = self._streaming.values(slot * 2 + phase, count, means, highs)
+            thresholds = self._verdict_thresholds[phase]
+            verdicts = [
+                None if np.isnan(t) else FLAGGED if a > t else CLEAR
+                for a, t in zip(aggregates.tolist(), thresholds.tolist(), strict=True)
+            ]
             circuits = tuple(
-                CircuitStats(circuit, float(mean), float(high), float(low))
-                for circuit, mean, high, low in zip(
+                CircuitStats(circuit, float(mean), float(high), float(low), aggregate, verdict)
+                for circuit, mean, high, low, aggregate, verdict in zip(
                     self.circuit_names,
                     means,
-                    self._max[slot, phase],
+                    highs,
                     self._min[slot, phase],
+                    aggregates.tolist(),
+                    verdicts,
                     strict=True,
                 )
             )

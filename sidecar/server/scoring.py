@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sidecar.spec.schema import CircuitSpec
+from sidecar.spec.schema import Circuit, CircuitSpec
 
 _MAX_CACHED_LAYOUTS = 16
 
@@ -23,7 +23,7 @@ class ComponentLayoutError(ValueError):
 
 @dataclass
 class Scorer:
-    circuit_names: tuple[str, ...]
+    circuits: tuple[Circuit, ...]  # what is scored, in spec order
     weights: np.ndarray  # float32 [c, k]: circuit x spec component
     bias: np.ndarray  # float32 [c]
     thresholds: np.ndarray  # float32 [c]; NaN where the circuit has no threshold
@@ -34,7 +34,7 @@ class Scorer:
         weights, bias = spec.weight_matrix()
         thresholds = [np.nan if c.threshold is None else c.threshold for c in spec.circuits]
         return cls(
-            circuit_names=tuple(c.name for c in spec.circuits),
+            circuits=spec.circuits,
             weights=np.ascontiguousarray(weights.numpy(), dtype=np.float32),
             bias=np.ascontiguousarray(bias.numpy(), dtype=np.float32),
             thresholds=np.asarray(thresholds, dtype=np.float32),

@@ -4,7 +4,10 @@ The span ``circuitwatch.request`` starts when the request's first tokens reached
 sidecar and ends when its record is built. Attributes:
 ``circuitwatch.request_id`` and ``gen_ai.request.id`` (the engine's request id, as in
 vLLM's own spans), ``gen_ai.request.model``, ``circuitwatch.finished_by``,
-``circuitwatch.tokens.<phase>`` and ``circuitwatch.circuit.<name>.<phase>.mean|max``.
+``circuitwatch.tokens.<phase>``, ``circuitwatch.circuit.<name>.<phase>.mean|max``, the
+circuit's configured aggregate ``circuitwatch.circuit.<name>.<phase>.aggregate`` and,
+where the circuit has a verdict threshold for the phase,
+``circuitwatch.circuit.<name>.<phase>.verdict`` ("flagged" or "clear").
 
 The TracerProvider is passed in; ``tracer_provider_from_config`` builds one that exports
 over OTLP only when an endpoint is configured (argument, then
@@ -47,6 +50,9 @@ class TracingSink:
                 prefix = f"circuitwatch.circuit.{stats.circuit}.{phase.phase}"
                 attributes[f"{prefix}.mean"] = stats.mean
                 attributes[f"{prefix}.max"] = stats.max
+                attributes[f"{prefix}.aggregate"] = stats.aggregate
+                if stats.verdict is not None:
+                    attributes[f"{prefix}.verdict"] = stats.verdict
         span = self._tracer.start_span(
             SPAN_NAME, kind=SpanKind.INTERNAL, attributes=attributes, start_time=start
         )
