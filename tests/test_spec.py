@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from sidecar.spec.identity import model_hash, read_model_shape
 from sidecar.spec.load import SpecError, check_model, load_spec
-from sidecar.spec.schema import ComponentKind
+from sidecar.spec.schema import Aggregation, AggregationKind, ComponentKind
 from sidecar.spec.sites import Site, SiteKind
 
 FAKE_HASH = "sha256:" + "ab" * 32
@@ -192,6 +192,26 @@ def _rename_second_component_to_first(doc: dict) -> None:
     doc["components"][1]["name"] = "l1h0"
 
 
+CALIBRATION = {
+    "target_fpr": 0.01,
+    "achieved_fpr": {"prompt": 0.0125, "generation": 0.01},
+    "requests": 400,
+    "data": "benign.jsonl",
+    "data_hash": "sha256:" + "1" * 64,
+    "model_hash": FAKE_HASH,
+    "date": "2026-11-29",
+    "tool_version": "0.1.0",
+}
+
+
+def _aggregation(**entry):
+    return _set(("circuits", 0, "aggregation"), entry)
+
+
+def _calibration_without(key: str):
+    return _set(("circuits", 0, "calibration"), {k: v for k, v in CALIBRATION.items() if k != key})
+
+
 # (id, mutation of good_doc(), field named in the error, fragment of the problem)
 # fmt: off
 BAD_SPECS = [
@@ -263,6 +283,48 @@ BAD_SPECS = [
     ("model-hash-format", _set(("model", "hash"), "md5:1234"), "model.hash",
      "expected 'sha256:' and 64 lowercase hex digits"),
     ("model-name-missing", _delete(("model", "name")), "model.name", "missing required key"),
+    ("aggregation-unknown-kind", _aggregation(kind="median"), "circuits[0].aggregation.kind",
+     "unknown aggregation 'median' (kinds: mean, max, last, ema_max"),
+    ("aggregation-kind-missing", _aggregation(window=4), "circuits[0].aggregation.kind",
+     "missing required key"),
+    ("aggregation-window-missing", _aggregation(kind="max_rolling_mean"),
+     "circuits[0].aggregation.window", "missing: aggregation max_rolling_mean needs it"),
+    ("aggregation-window-zero", _aggregation(kind="max_rolling_mean", window=0),
+     "circuits[0].aggregation.window", "must be at least 1 token"),
+    ("aggregation-window-fraction", _aggregation(kind="max_rolling_mean", window=2.5),
+     "circuits[0].aggregation.window", "expected an index >= 0, got float 2.5"),
+    ("aggregation-alpha-missing", _aggregation(kind="ema_max"), "circuits[0].aggregation.alpha",
+     "missing: aggregation ema_max needs it"),
+    ("aggregation-alpha-zero", _aggregation(kind="ema_max", alpha=0.0),
+     "circuits[0].aggregation.alpha", "must be in (0, 1], got 0.0"),
+    ("aggregation-alpha-above-one", _aggregation(kind="ema_max", alpha=1.5),
+     "circuits[0].aggregation.alpha", "must be in (0, 1], got 1.5"),
+    ("aggregation-temperature-zero", _aggregation(kind="softmax_max", temperature=0.0),
+     "circuits[0].aggregation.temperature", "must be > 0, got 0.0"),
+    ("aggregation-temperature-negative", _aggregation(kind="softmax_max", temperature=-1.0),
+     "circuits[0].aggregation.temperature", "must be > 0, got -1.0"),
+    ("aggregation-parameter-on-mean", _aggregation(kind="mean", window=4),
+     "circuits[0].aggregation.window", "aggregation mean takes no window"),
+    ("aggregation-parameter-of-another-kind",
+     _aggregation(kind="ema_max", alpha=0.5, temperature=1.0),
+     "circuits[0].aggregation.temperature", "aggregation ema_max takes no temperature"),
+    ("aggregation-unknown-key", _aggregation(kind="max_rolling_mean", windw=4),
+     "circuits[0].aggregation.windw", "did you mean 'window'"),
+    ("verdict-unknown-phase", _set(("circuits", 0, "verdict_thresholds"), {"decode": 1.0}),
+     "circuits[0].verdict_thresholds.decode", "unknown key (allowed: prompt, generation)"),
+    ("verdict-empty", _set(("circuits", 0, "verdict_thresholds"), {}),
+     "circuits[0].verdict_thresholds", "empty: name at least one phase"),
+    ("verdict-threshold-text", _set(("circuits", 0, "verdict_thresholds"), {"prompt": "high"}),
+     "circuits[0].verdict_thresholds.prompt", "expected a number, got string 'high'"),
+    ("verdict-threshold-nan", _set(("circuits", 0, "verdict_thresholds"), {"prompt": float("nan")}),
+     "circuits[0].verdict_thresholds.prompt", "not a finite number"),
+    ("calibration-missing-key", _calibration_without("data_hash"),
+     "circuits[0].calibration.data_hash", "missing required key"),
+    ("calibration-achieved-unknown-phase",
+     _set(("circuits", 0, "calibration"), {**CALIBRATION, "achieved_fpr": {"decode": 0.01}}),
+     "circuits[0].calibration.achieved_fpr.decode", "unknown key"),
+    ("calibration-unknown-key", _set(("circuits", 0, "calibration"), {**CALIBRATION, "fpr": 0.1}),
+     "circuits[0].calibration.fpr", "unknown key"),
 ]
 # fmt: on
 
@@ -278,6 +340,23 @@ def test_bad_spec_is_refused(spec_dir: Path, mutate, field: str, problem: str) -
     error = refused(write_spec(spec_dir, doc))
     assert error.field == field
     assert problem in error.problem
+
+
+def test_aggregation_verdict_thresholds_and_calibration_load(spec_dir: Path) -> None:
+    doc = good_doc()
+    doc["circuits"][0].update(
+        aggregation={"kind": "max_rolling_mean", "window": 16},
+        verdict_thresholds={"prompt": 1.5, "generation": 2.0},
+        calibration=CALIBRATION,
+    )
+    doc["circuits"][1]["aggregation"] = {"kind": "softmax_max", "temperature": 0.5}
+    induction, mlp_only = load_spec(write_spec(spec_dir, doc)).circuits
+    assert induction.aggregation == Aggregation(AggregationKind.MAX_ROLLING_MEAN, window=16)
+    assert induction.verdict_thresholds == (("prompt", 1.5), ("generation", 2.0))
+    assert induction.calibration.achieved_fpr == (("prompt", 0.0125), ("generation", 0.01))
+    assert (induction.calibration.requests, induction.calibration.date) == (400, "2026-11-29")
+    assert mlp_only.aggregation == Aggregation(AggregationKind.SOFTMAX_MAX, temperature=0.5)
+    assert mlp_only.verdict_thresholds == () and mlp_only.calibration is None
 
 
 def test_not_a_safetensors_file(spec_dir: Path) -> None:
