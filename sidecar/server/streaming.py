@@ -4,13 +4,15 @@
 scores in token order; this module gets the same number without keeping the tokens. State
 lives in preallocated arrays with one row per (slot, phase) and one column per circuit of
 that kind, and a batch is folded in with whole-array operations over its groups (a group:
-one request's tokens of one phase in this batch, in token order):
+one request's tokens of one phase in this batch, in token order). Per row, float64 unless
+marked, with C_kind the number of circuits of a kind:
 
     mean, max          nothing here: the request table's running sum and max give them
     last               the group's final score                          C_last floats
     ema_max            the EMA after the last token and the EMA's max   2 C_ema floats
-    max_rolling_mean   the best full-window sum so far, and the last     C_roll floats +
-                       R = max(window) - 1 scores in a ring             R C_roll float32
+    max_rolling_mean   the last window sum, the best full-window sum    2 C_roll floats +
+                       so far, and the last R = max(window) scores      R C_roll float32
+                       in a ring, to subtract as they leave the window
     softmax_max        the running max m and, shifted by it,            3 C_soft floats
                        Z = sum exp((s - m) / T), N = sum s exp((s - m) / T)
 
@@ -39,19 +41,19 @@ class StreamingAggregates:
     """Configured aggregates of ``rows`` (slot, phase) rows, one column per circuit."""
 
     def __init__(self, aggregations: Sequence[Aggregation], rows: int) -> None:
-        self.aggregations = tuple(aggregations)
-        self._kinds = [a.kind for a in self.aggregations]
-        self._last = _columns(self.aggregations, AggregationKind.LAST)
-        self._ema = _columns(self.aggregations, AggregationKind.EMA_MAX)
-        self._roll = _columns(self.aggregations, AggregationKind.MAX_ROLLING_MEAN)
-        self._soft = _columns(self.aggregations, AggregationKind.SOFTMAX_MAX)
-        self._alpha = np.array([self.aggregations[c].alpha for c in self._ema])
-        self._window = np.array([self.aggregations[c].window for c in self._roll], dtype=np.int64)
-        self._temperature = np.array([self.aggregations[c].temperature for c in self._soft])
-        self._ring_size = int(self._window.max()) - 1 if self._window.size else 0
+        self._is_max = np.array([a.kind is AggregationKind.MAX for a in aggregations])
+        self._last = _columns(aggregations, AggregationKind.LAST)
+        self._ema = _columns(aggregations, AggregationKind.EMA_MAX)
+        self._roll = _columns(aggregations, AggregationKind.MAX_ROLLING_MEAN)
+        self._soft = _columns(aggregations, AggregationKind.SOFTMAX_MAX)
+        self._alpha = np.array([aggregations[c].alpha for c in self._ema])
+        self._window = np.array([aggregations[c].window for c in self._roll], dtype=np.int64)
+        self._temperature = np.array([aggregations[c].temperature for c in self._soft])
+        self._ring_size = int(self._window.max()) if self._window.size else 0
         self._last_value = np.zeros((rows, self._last.size))
         self._ema_value = np.zeros((rows, self._ema.size))
         self._ema_best = np.full((rows, self._ema.size), -np.inf)
+        self._roll_sum = np.zeros((rows, self._roll.size))
         self._roll_best = np.full((rows, self._roll.size), -np.inf)
         self._ring = np.zeros((rows, self._ring_size, self._roll.size), dtype=np.float32)
         self._soft_max = np.full((rows, self._soft.size), -np.inf)
@@ -84,8 +86,7 @@ class StreamingAggregates:
     def values(self, row: int, count: int, mean: np.ndarray, high: np.ndarray) -> np.ndarray:
         """Every circuit's aggregate [c] of a row holding ``count`` tokens, given its
         per-circuit ``mean`` and max ``high`` (kept by the request table)."""
-        out = np.where([k is AggregationKind.MAX for k in self._kinds], high, mean)
-        out = out.astype(np.float64)
+        out = np.where(self._is_max, high, mean).astype(np.float64)
         out[self._last] = self._last_value[row]
         out[self._ema] = self._ema_best[row]
         full = count >= self._window
@@ -97,6 +98,7 @@ class StreamingAggregates:
         """Forget ``rows`` (their slot was released). The ring needs no reset: ``seen``
         says which of its entries hold this row's scores."""
         self._ema_best[rows] = -np.inf
+        self._roll_sum[rows] = 0.0
         self._roll_best[rows] = -np.inf
         self._soft_max[rows] = -np.inf
         self._soft_z[rows] = 0.0
@@ -105,49 +107,49 @@ class StreamingAggregates:
     def _update_ema(self, rows, starts, ends, sizes, seen, scores) -> None:
         alpha = self._alpha
         x = scores.astype(np.float64)
+        # Token t maps the EMA before it, e, to slope_t * e + intercept_t.
         slope = np.broadcast_to(1.0 - alpha, x.shape).copy()
-        offset = alpha * x
+        intercept = alpha * x
         continued = (seen > 0)[:, None]
         first = x[starts]
-        offset[starts] = np.where(
+        intercept[starts] = np.where(
             continued, alpha * first + (1.0 - alpha) * self._ema_value[rows], first
         )
         slope[starts] = 0.0
         step = 1
         longest = int(sizes.max())
-        while step < longest:  # ceil(log2(longest)) passes over the batch
-            offset[step:] = slope[step:] * offset[:-step] + offset[step:]
+        while step < longest:  # ceil(log2(longest)) passes; after them intercept_t = e_t
+            intercept[step:] = slope[step:] * intercept[:-step] + intercept[step:]
             slope[step:] = slope[step:] * slope[:-step]
             step *= 2
-        best = np.maximum.reduceat(offset, starts, axis=0)
+        best = np.maximum.reduceat(intercept, starts, axis=0)
         self._ema_best[rows] = np.maximum(self._ema_best[rows], best)
-        self._ema_value[rows] = offset[ends - 1]
+        self._ema_value[rows] = intercept[ends - 1]
 
     def _update_rolling(self, rows, starts, ends, group, seen, scores) -> None:
         window, ring = self._window, self._ring_size
         n, width = scores.shape
-        number = seen[group] + np.arange(n) - starts[group]  # each token's index in its phase
-        if ring == 0:  # every window is one token
-            sums = scores.astype(np.float64)
-        else:
-            # Each group's scores behind the ring's R scores before it: windows that
-            # begin in earlier batches read them, and no window reaches the group before.
-            extended = np.zeros((n + starts.size * ring, width))
-            at = np.arange(n) + ring * (group + 1)
-            extended[at] = scores
-            behind = seen[:, None] - ring + np.arange(ring)  # phase indices of the ring
-            held = behind >= 0
-            slots = (starts + np.arange(starts.size) * ring)[:, None] + np.arange(ring)
-            owner = np.broadcast_to(rows[:, None], held.shape)
-            extended[slots[held]] = self._ring[owner[held], behind[held] % ring]
-            cumulative = np.concatenate((np.zeros((1, width)), np.cumsum(extended, axis=0)))
-            end = (at + 1)[:, None]
-            sums = cumulative[at + 1] - cumulative[end - window[None, :], np.arange(width)]
-            recent = np.arange(n) >= ends[group] - ring  # the group's last R tokens
-            self._ring[rows[group[recent]], number[recent] % ring] = scores[recent]
-        sums = np.where(number[:, None] + 1 >= window[None, :], sums, -np.inf)
+        x = scores.astype(np.float64)
+        offset = np.arange(n) - starts[group]  # each token's index in its group
+        number = seen[group] + offset  # ... and in its phase
+        # Window sum = the previous one + the entering score - the leaving one (`window`
+        # tokens back: in this group, in the ring, or before the phase began).
+        leaving = number[:, None] - window
+        columns = np.broadcast_to(np.arange(width), leaving.shape)
+        left = np.zeros((n, width))
+        here = offset[:, None] >= window
+        left[here] = x[(np.arange(n)[:, None] - window)[here], columns[here]]
+        held = (leaving >= 0) & ~here
+        owner = np.broadcast_to(rows[group][:, None], leaving.shape)
+        left[held] = self._ring[owner[held], leaving[held] % ring, columns[held]]
+        steps = np.concatenate((np.zeros((1, width)), np.cumsum(x - left, axis=0)))
+        sums = self._roll_sum[rows][group] + steps[1:] - steps[starts][group]
+        self._roll_sum[rows] = sums[ends - 1]
+        sums[number[:, None] + 1 < window] = -np.inf  # not a full window yet
         best = np.maximum.reduceat(sums, starts, axis=0)
         self._roll_best[rows] = np.maximum(self._roll_best[rows], best)
+        recent = offset >= (ends - starts)[group] - ring  # the group's last `ring` tokens
+        self._ring[rows[group[recent]], number[recent] % ring] = scores[recent]
 
     def _update_softmax(self, rows, starts, group, scores) -> None:
         temperature = self._temperature
