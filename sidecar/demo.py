@@ -185,6 +185,7 @@ def _start_engine(console, model_dir: Path, eager: bool):
             max_model_len=512,
             max_num_seqs=16,
             seed=0,
+            served_model_name=model_dir.name,  # the model_name label, not a whole path
         )
     console.print(f"engine up in {time.monotonic() - started:.0f} s ({mode} mode)")
     return llm
