@@ -3,6 +3,8 @@
 Models:
     reference   the bundled reference model (sidecar/models/reference), or, until it exists,
                 a random stand-in of its shape (2 layers, d_model 256, 4 heads of 64)
+    smollm2     the installed real model, SmolLM2-135M-Instruct (``circuitwatch models install
+                smollm2``); the engine runs it in its default dtype (bfloat16 on CPU)
     dummy       a random Llama, ``cpu`` size (12 layers, d_model 1024, 16 heads of 64,
                 bfloat16) or ``8b`` (Llama-3-8B's shape, for GPUs): config.json only,
                 loaded with vLLM's ``load_format="dummy"``, or with random weights on disk
@@ -11,7 +13,10 @@ Models:
 Specs, both generated for the model at hand (``model_hash`` of its directory):
     typical     what a deployment watches: 2 heads by norm on a middle layer, 2 directions
                 on a later residual stream, 1 MLP-neuron direction; 3 circuits. The
-                reference model's own spec is used instead when it ships one.
+                reference model's own spec is used instead when it ships one. SmolLM2's:
+                the induction heads of its discovered spec (sidecar/models/smollm2_spec;
+                until it exists, those a prefix-matching scan finds) by norm, plus one
+                hook_resid_post direction; 2 circuits.
     every_layer the heavy case: on every layer, ``HEADS_PER_LAYER`` heads by norm,
                 ``RESID_DIRECTIONS`` directions on hook_resid_post, ``MLP_DIRECTIONS`` on
                 mlp.hook_post; 4 circuits.
@@ -20,7 +25,8 @@ FLOPs per token (the physical limit of a probe): a direction over a site of widt
 2·w; a head read by norm 2·d_head² + 2·d_head (z_h·G_h with its Gram matrix
 G_h = W_O_hᵀW_O_h, then the dot product with z_h: the squared norm of its contribution).
 The model costs about 2·N, N its parameters without the input embedding table (a lookup,
-not a product); attention over the context is left out.
+not a product; with tied embeddings the same table is also the output projection, which is
+a product); attention over the context is left out.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from sidecar.models.registry import REFERENCE_DIR
+from sidecar.models.registry import REFERENCE_DIR, SMOLLM2_SPEC, model_path
 from sidecar.spec.identity import ModelShape, model_hash, read_model_shape
 from sidecar.spec.load import load_spec
 from sidecar.spec.schema import ComponentKind
@@ -42,6 +48,9 @@ from sidecar.spec.sites import Site, SiteKind
 HEADS_PER_LAYER = 2
 RESID_DIRECTIONS = 8
 MLP_DIRECTIONS = 4
+# SmolLM2's strongest induction heads (layer, head) by prefix-matching score on repeated
+# random tokens (0.92, 0.78, 0.77, 0.66): used until its discovered spec exists.
+SMOLLM2_HEADS = ((18, 6), (17, 3), (17, 4), (18, 7))
 
 DUMMY_SIZES = {
     "cpu": dict(
@@ -76,7 +85,7 @@ _STAND_IN = dict(
 
 @dataclass(frozen=True)
 class BenchModel:
-    name: str  # "reference" | "dummy-cpu" | "dummy-8b"
+    name: str  # "reference" | "smollm2" | "dummy-cpu" | "dummy-8b"
     path: Path
     dummy_weights: bool  # load with load_format="dummy"
     description: str
@@ -84,10 +93,12 @@ class BenchModel:
     vocab_size: int
     parameters: int
     bundled_spec: Path | None = None  # the reference model's own spec, when it ships one
+    tied_embeddings: bool = False  # the embedding table is also the output projection
 
     @property
     def flops_per_token(self) -> float:
-        return 2.0 * (self.parameters - self.vocab_size * self.shape.d_model)
+        lookup = 0 if self.tied_embeddings else self.vocab_size * self.shape.d_model
+        return 2.0 * (self.parameters - lookup)
 
 
 def reference_model(work: Path) -> BenchModel:
@@ -97,6 +108,11 @@ def reference_model(work: Path) -> BenchModel:
     path = work / "reference-stand-in"
     _write_model(path, _STAND_IN, "float32", weights=True)
     return _describe("reference", path, False, "random stand-in of the reference model's shape")
+
+
+def smollm2_model() -> BenchModel:
+    """The installed SmolLM2-135M-Instruct checkpoint (ModelNotInstalled says how to get it)."""
+    return _describe("smollm2", model_path("smollm2"), False, "SmolLM2-135M-Instruct")
 
 
 def dummy_model(work: Path, size: str, weights: bool) -> BenchModel:
@@ -142,6 +158,7 @@ def _describe(name: str, path: Path, dummy: bool, description: str) -> BenchMode
         vocab_size=int(config["vocab_size"]),
         parameters=sum(_numel(s) for s in _weight_shapes(config).values()),
         bundled_spec=bundled[0] if bundled else None,
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
 
@@ -188,7 +205,9 @@ def _weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (d,),
             p + "post_attention_layernorm.weight": (d,),
         }
-    shapes |= {"model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    shapes["model.norm.weight"] = (d,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (v, d)
     return shapes
 
 
@@ -203,6 +222,8 @@ def typical_spec(model: BenchModel, folder: Path) -> Path:
     """The model's bundled spec, or a small generated one (see the module docstring)."""
     if model.bundled_spec is not None:
         return model.bundled_spec
+    if model.name == "smollm2":
+        return _smollm2_typical_spec(model, folder)
     n = model.shape.n_layers
     middle, late = n // 2, max(0, (2 * n) // 3)
     heads = [(f"l{middle}h{h}", middle, h) for h in range(min(2, model.shape.n_heads))]
@@ -221,6 +242,36 @@ def typical_spec(model: BenchModel, folder: Path) -> Path:
         {"name": "mixed", "components": {names[0]: 0.5, names[4]: 0.5}},
     ]
     return _write_spec(model, folder / "typical", components, circuits)
+
+
+def _smollm2_typical_spec(model: BenchModel, folder: Path) -> Path:
+    heads = smollm2_heads()
+    components = [
+        {"name": f"l{layer}h{head}", "kind": "head", "site": f"blocks.{layer}.attn.hook_z",
+         "head": head}
+        for layer, head in heads
+    ]  # fmt: skip
+    late = (2 * model.shape.n_layers) // 3
+    components.append(_direction(f"resid{late}_0", f"blocks.{late}.hook_resid_post"))
+    names = [c["name"] for c in components]
+    circuits = [
+        {"name": "induction", "components": {n: 1.0 / len(heads) for n in names[:-1]}},
+        {"name": "probe", "components": {names[-1]: 1.0}},
+    ]
+    return _write_spec(model, folder / "typical", components, circuits)
+
+
+def smollm2_heads() -> tuple[tuple[int, int], ...]:
+    """(layer, head) of the heads read by norm in SmolLM2's discovered spec, else SMOLLM2_HEADS."""
+    if not SMOLLM2_SPEC.is_file():
+        return SMOLLM2_HEADS
+    components = load_spec(SMOLLM2_SPEC).components
+    heads = tuple(
+        (c.site.layer, c.head)
+        for c in components
+        if c.kind is ComponentKind.HEAD and c.direction is None
+    )
+    return heads or SMOLLM2_HEADS
 
 
 def every_layer_spec(model: BenchModel, folder: Path) -> Path:

@@ -2,6 +2,7 @@
 
     python -m benchmarks.overhead                          # both models, CPU-sized
     python -m benchmarks.overhead --model dummy --dummy-size 8b --device-label h100   # GPU
+    python -m benchmarks.overhead --model smollm2          # the real model (installed)
     python -m benchmarks.overhead --quick                  # a few steps, smoke run
 
 Configurations, same engine settings otherwise:
@@ -60,6 +61,7 @@ from benchmarks._models import (
     every_layer_spec,
     probe_cost,
     reference_model,
+    smollm2_model,
     typical_spec,
 )
 
@@ -301,7 +303,9 @@ def _arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--model", choices=("reference", "dummy", "both"), default="both")
+    parser.add_argument(
+        "--model", choices=("reference", "smollm2", "dummy", "both"), default="both"
+    )
     parser.add_argument("--dummy-size", choices=("cpu", "8b"), default="cpu")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; quick 1)")
     parser.add_argument("--max-tokens", type=int, help="output tokens per request (default 128)")
@@ -376,6 +380,8 @@ def main(argv: list[str]) -> int:
         choices = []
         if args.model in ("reference", "both"):
             choices.append(reference_model(work))
+        if args.model == "smollm2":
+            choices.append(smollm2_model())
         if args.model in ("dummy", "both"):
             choices.append(dummy_model(work, args.dummy_size, weights=device.kind == "cpu"))
         for model in choices:

@@ -1,15 +1,22 @@
-"""``circuitwatch demo``: the whole live path on the bundled default, shown in the terminal.
+"""``circuitwatch demo``: the whole live path on a model, shown in the terminal.
 
 Starts the sidecar (in this process, on a Unix socket, with /metrics), then a vLLM engine
 in its default compiled mode with the Circuitwatch plugin on, sends rounds of ordinary and
 repeated-text requests, and keeps a table of each request's circuit scores up to date as
-the sidecar finishes them. Repeated text is what the reference model's induction circuit
-exists for: its score should rise there and stay low on ordinary text.
+the sidecar finishes them. Repeated text is what an induction circuit exists for: its
+score should rise there and stay low on ordinary text.
+
+    --model reference   the bundled reference model and its spec (the default): plain text
+    --model smollm2     the installed SmolLM2-135M-Instruct and its discovered spec
+                        (sidecar/models/smollm2_spec): chats through its chat template,
+                        ordinary questions and requests to repeat a word sequence given twice
+    --model DIR         any model directory, with --spec; chats when it has a chat template
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import tempfile
@@ -18,7 +25,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
+from sidecar.models.registry import (
+    REFERENCE_SPEC,
+    SMOLLM2_SPEC,
+    ModelNotInstalled,
+    resolve_model,
+)
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SPEC
 
 ORDINARY = (
@@ -28,6 +40,14 @@ ORDINARY = (
     "import os\nimport sys\n\nif __name__ == '__main__':\n    sys.exit(main(sys.argv[1:]))\n",
     "Rain is expected in the north by the evening, with clear skies further south.",
     "for index, value in enumerate(values):\n    if value is None:\n        continue\n",
+)
+QUESTIONS = (
+    "What is the capital of France?",
+    "Give me two tips for sleeping better.",
+    "Why is the sky blue?",
+    "How do I boil an egg?",
+    "Name three planets of the solar system.",
+    "What does a compiler do?",
 )
 WORDS = (
     "amber basil cedar delta ember fjord glyph heron iris jasper kelp lumen maple nectar "
@@ -41,25 +61,49 @@ class DemoPrompt:
     repeated: bool
 
 
-def demo_prompts(round_index: int, per_kind: int) -> list[DemoPrompt]:
-    """Ordinary snippets and, as many, a random word sequence written out twice."""
+def demo_prompts(round_index: int, per_kind: int, chat: bool = False) -> list[DemoPrompt]:
+    """Ordinary text and, as many, a random word sequence written out twice.
+
+    ``chat``: ordinary questions, and requests to repeat the doubled sequence (user turns).
+    """
     rng = random.Random(round_index)
+    ordinary = QUESTIONS if chat else ORDINARY
     prompts = []
     for i in range(per_kind):
-        prompts.append(DemoPrompt(ORDINARY[(round_index * per_kind + i) % len(ORDINARY)], False))
+        prompts.append(DemoPrompt(ordinary[(round_index * per_kind + i) % len(ordinary)], False))
         span = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16)))
-        prompts.append(DemoPrompt(f"{span} {span}", True))
+        text = f"Repeat this text exactly: {span} {span}" if chat else f"{span} {span}"
+        prompts.append(DemoPrompt(text, True))
     return prompts
 
 
+def default_spec(model: str) -> Path | None:
+    """The spec that goes with a named model; None for a model directory (pass --spec)."""
+    return {"reference": REFERENCE_SPEC, "smollm2": SMOLLM2_SPEC}.get(model)
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the checkpoint ships a chat template (a file, or in tokenizer_config.json)."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    config = model_dir / "tokenizer_config.json"
+    return config.is_file() and "chat_template" in json.loads(config.read_text())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=REFERENCE_DIR, help="model directory")
-    parser.add_argument("--spec", type=Path, default=REFERENCE_SPEC, help="circuit spec YAML")
+    parser.add_argument(
+        "--model", default="reference", help="reference (default), smollm2, or a model directory"
+    )
+    parser.add_argument(
+        "--spec", type=Path, help="circuit spec YAML (default: the named model's own spec)"
+    )
     parser.add_argument("--metrics-port", type=int, default=9464, help="/metrics port (0: any)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of requests to send")
     parser.add_argument("--per-kind", type=int, default=3, help="requests of each kind a round")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated a request")
-    parser.add_argument("--circuit", default="induction", help="circuit the table follows")
+    parser.add_argument(
+        "--circuit", help="circuit the table follows (default: induction, else the spec's first)"
+    )
     parser.add_argument(
         "--eager", action="store_true", help="run the engine with enforce_eager (default: compiled)"
     )
@@ -76,18 +120,31 @@ def run(args: argparse.Namespace) -> int:
     from sidecar.spec.load import SpecError, load_spec
 
     console = Console()
-    if not (args.model / "config.json").exists() or not args.spec.exists():
-        console.print(
-            f"[red]no model at {args.model} or no spec at {args.spec}[/red]: the bundled "
-            "reference model is made by `circuitwatch train-reference`; or pass --model/--spec"
-        )
+    try:
+        model_dir = resolve_model(args.model)
+    except ModelNotInstalled as e:
+        console.print(f"[red]{e}[/red]")
+        return 2
+    spec_path = args.spec or default_spec(args.model)
+    if spec_path is None:
+        console.print(f"[red]--model {args.model}: a model directory needs --spec[/red]")
+        return 2
+    if not (model_dir / "config.json").exists():
+        console.print(f"[red]no model at {model_dir}[/red]: the bundled reference model is "
+                      "made by `circuitwatch train-reference`; or pass --model")  # fmt: skip
+        return 2
+    if not spec_path.exists():
+        hint = "discovery writes it for the installed model; or pass --spec"
+        console.print(f"[red]no spec at {spec_path}[/red]: {hint}")
         return 2
     try:
-        spec = load_spec(args.spec, model_dir=args.model)
+        spec = load_spec(spec_path, model_dir=model_dir)
     except SpecError as e:
         console.print(f"[red]bad spec:[/red] {e}")
         return 2
     circuit_names = [c.name for c in spec.circuits]
+    if args.circuit is None:
+        args.circuit = "induction" if "induction" in circuit_names else circuit_names[0]
     if args.circuit not in circuit_names:
         console.print(f"[red]--circuit {args.circuit!r} is not in the spec: {circuit_names}[/red]")
         return 2
@@ -98,9 +155,9 @@ def run(args: argparse.Namespace) -> int:
         with Sidecar(spec, listen, metrics_port=args.metrics_port, sinks=[sink]) as sidecar:
             console.print(f"sidecar on {sidecar.address}, metrics at {sidecar.metrics_url}")
             # The engine's processes inherit these; the plugin reads them at engine start.
-            os.environ.update({ENV_SPEC: str(args.spec), ENV_ENDPOINT: listen})
-            llm = _start_engine(console, args)
-            _run_rounds(console, llm, sink, args)
+            os.environ.update({ENV_SPEC: str(spec_path), ENV_ENDPOINT: listen})
+            llm = _start_engine(console, model_dir, args.eager)
+            _run_rounds(console, llm, sink, args, chat=has_chat_template(model_dir))
             console.print(f"\nPrometheus metrics: [bold]{sidecar.metrics_url}[/bold]")
             for line in _metric_lines(sidecar.metrics_url, args.circuit):
                 console.print(f"  {line}")
@@ -115,25 +172,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_engine(console, args: argparse.Namespace):
+def _start_engine(console, model_dir: Path, eager: bool):
     from vllm import LLM
 
-    mode = "eager" if args.eager else "default compiled"
+    mode = "eager" if eager else "default compiled"
     with console.status(f"starting vLLM ({mode} mode) with the Circuitwatch plugin..."):
         started = time.monotonic()
         llm = LLM(
-            model=str(args.model),
-            enforce_eager=args.eager,
+            model=str(model_dir),
+            enforce_eager=eager,
             gpu_memory_utilization=0.2,
             max_model_len=512,
             max_num_seqs=16,
             seed=0,
+            served_model_name=model_dir.name,  # the model_name label, not a whole path
         )
     console.print(f"engine up in {time.monotonic() - started:.0f} s ({mode} mode)")
     return llm
 
 
-def _run_rounds(console, llm, sink, args: argparse.Namespace) -> None:
+def _run_rounds(console, llm, sink, args: argparse.Namespace, chat: bool) -> None:
     from rich.live import Live
     from vllm import SamplingParams
 
@@ -141,8 +199,12 @@ def _run_rounds(console, llm, sink, args: argparse.Namespace) -> None:
     rows: list[tuple[DemoPrompt, object]] = []
     with Live(_table(rows, args.circuit), console=console, refresh_per_second=4) as live:
         for round_index in range(args.rounds):
-            prompts = demo_prompts(round_index, args.per_kind)
-            outputs = llm.generate([p.text for p in prompts], params, use_tqdm=False)
+            prompts = demo_prompts(round_index, args.per_kind, chat)
+            if chat:  # the model's chat template, as vLLM's OpenAI server applies it
+                turns = [[{"role": "user", "content": p.text}] for p in prompts]
+                outputs = llm.chat(turns, params, use_tqdm=False)
+            else:
+                outputs = llm.generate([p.text for p in prompts], params, use_tqdm=False)
             by_id = {o.request_id: p for o, p in zip(outputs, prompts, strict=True)}
             pending = set(by_id)
             deadline = time.monotonic() + 30

@@ -27,6 +27,8 @@ from sidecar.server.records import CollectingSink, RequestRecord
 from sidecar.server.service import Sidecar
 from sidecar.spec.load import load_spec
 
+pytestmark = pytest.mark.engine
+
 MAX_TOKENS = 6
 # float32 in both paths, but different kernels (vLLM's CPU attention and fused RMSNorm vs
 # transformers' eager attention) and, in compiled mode, Inductor's fused reductions: the
@@ -68,8 +70,11 @@ def _live(model_dir: Path, spec_path: Path, folder: Path):
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc(probe_stats) in the tests
     }
     with mock.patch.dict(os.environ, env):
+        # No prefix caching: a cached block skips the forward pass, so whether a prompt sent
+        # twice is scored in full would depend on the build's default block size.
         state.llm = LLM(model=str(model_dir), dtype="float32", gpu_memory_utilization=0.2,
-                        max_model_len=512, max_num_seqs=8, seed=0)  # fmt: skip
+                        max_model_len=512, max_num_seqs=8, seed=0,
+                        enable_prefix_caching=False)  # fmt: skip
         try:
             yield state
         finally:

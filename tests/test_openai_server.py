@@ -14,6 +14,8 @@ import pytest
 from probe_engine_helpers import tiny_model_and_spec
 from prometheus_client.parser import text_string_to_metric_families
 
+pytestmark = pytest.mark.engine
+
 ENGINE_START_S = 300
 
 

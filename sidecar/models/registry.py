@@ -27,6 +27,8 @@ from pathlib import Path
 ENV_MODELS_HOME = "CIRCUITWATCH_MODELS"
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 REFERENCE_SPEC = Path(__file__).resolve().parent / "reference_spec" / "spec.yaml"
+# Written by discovery on the installed checkpoint (``model.hash`` binds it to that file).
+SMOLLM2_SPEC = Path(__file__).resolve().parent / "smollm2_spec" / "spec.yaml"
 # Written last into an installed checkpoint: a folder without it is a half-finished install.
 INSTALL_RECORD = "circuitwatch-install.json"
 
