@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from sidecar.discover.induction import HeadRef, special_token_ids
 from sidecar.discover.probe_training import ProbeResult, auroc
@@ -185,12 +186,10 @@ def _requests(
     )
     ordinary = sampler.batch(requests, data.SpanConfig(repeat_fraction=0.0))
     repeated = sampler.batch(requests, data.SpanConfig(repeat_fraction=1.0))
-    return (
-        [scorer.score(row[first:].tolist()) for row in ordinary.input_ids],
-        _Repeated(
-            scored=[scorer.score(row[first:].tolist()) for row in repeated.input_ids],
-            masks=[mask[first:].numpy() for mask in repeated.second_copy],
-        ),
+    rows = tqdm([*ordinary.input_ids, *repeated.input_ids], desc=f"spec windows (seed {seed})")
+    scored = [scorer.score(row[first:].tolist()) for row in rows]
+    return scored[:requests], _Repeated(
+        scored=scored[requests:], masks=[mask[first:].numpy() for mask in repeated.second_copy]
     )
 
 
