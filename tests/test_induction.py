@@ -14,12 +14,13 @@ from sidecar.discover.induction import (
     HeadRef,
     HeadScores,
     head_scores,
+    held_out_corpus,
     induction_score,
+    load_model,
     make_eval_set,
     previous_token_score,
 )
 from sidecar.discover.probe_training import auroc, fit_logistic, train_repeat_probe
-from sidecar.discover.report import held_out_corpus, load_model
 from sidecar.models.registry import REFERENCE_DIR
 
 
