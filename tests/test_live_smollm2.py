@@ -35,7 +35,7 @@ import pytest
 import torch
 from test_openai_server import _free_port, _get, _wait_until
 
-from sidecar.models.registry import ModelNotInstalled, model_path
+from sidecar.models.registry import SMOLLM2_SPEC, ModelNotInstalled, model_path
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
 from sidecar.protocol.batch import GENERATED
 from sidecar.server.records import CollectingSink, RequestRecord
@@ -90,13 +90,13 @@ def smollm2_dir() -> Path:
 
 
 def build_test_spec(folder: Path, model_dir: Path) -> Path:
-    """A spec covering every site and component kind on SmolLM2.
+    """The discovered spec (sidecar/models/smollm2_spec: ``discover heads``' induction and
+    previous-token heads by norm, with its z-scored circuits) plus every other kind.
 
-    Head norms on the induction heads found by a prefix-matching scan (L17 H3/H4, L18 H6)
-    and on the last query head of layer 18 (H8: columns 512..576, beyond what a 3-KV-head
-    layout would have); a head along a direction; a direction on each of hook_z, resid_pre,
-    resid_mid, resid_post and mlp.hook_post. One circuit per non-norm component, so a wrong
-    value cannot hide in a sum.
+    Added: the last query head of layer 18 by norm (H8: columns 512..576, beyond what a
+    3-KV-head layout would have); a head along a direction; a direction on each of hook_z,
+    resid_pre, resid_mid, resid_post and mlp.hook_post. One circuit per added direction, so a
+    wrong value cannot hide in a sum.
     """
     shape = read_model_shape(model_dir)
     generator = torch.Generator().manual_seed(7)
@@ -105,10 +105,10 @@ def build_test_spec(folder: Path, model_dir: Path) -> Path:
         v = torch.randn(width, generator=generator)
         return v / v.norm()
 
-    heads = [
-        ComponentEntry(f"l{layer}h{head}", f"blocks.{layer}.attn.hook_z", head=head)
-        for layer, head in ((17, 3), (17, 4), (18, 6), (18, 8))
-    ]
+    discovered = load_spec(SMOLLM2_SPEC, model_dir=model_dir)
+    names = [c.name for c in discovered.components]
+    heads = [ComponentEntry(c.name, c.site.name, head=c.head) for c in discovered.components]
+    heads.append(ComponentEntry("l18h8", "blocks.18.attn.hook_z", head=8))
     z_width = shape.n_heads * shape.d_head
     singles = [
         ComponentEntry("l18h7_dir", "blocks.18.attn.hook_z", head=7, direction=unit(576)),
@@ -118,15 +118,24 @@ def build_test_spec(folder: Path, model_dir: Path) -> Path:
         ComponentEntry("post29_dir", "blocks.29.hook_resid_post", direction=unit(shape.d_model)),
         ComponentEntry("mlp20_dir", "blocks.20.mlp.hook_post", direction=unit(shape.d_mlp)),
     ]
-    circuits = [CircuitEntry("induction", {h.name: 0.25 for h in heads})]
+    circuits = [
+        CircuitEntry(
+            c.name,
+            {n: w for n, w in zip(names, c.weights, strict=True) if w},
+            description=c.description,
+            bias=c.bias,
+            threshold=c.threshold,
+        )
+        for c in discovered.circuits
+    ]
+    circuits.append(CircuitEntry("c_l18h8", {"l18h8": 1.0}))
     circuits += [CircuitEntry(f"c_{c.name}", {c.name: 1.0}) for c in singles]
     return write_spec(folder, "smollm2", model_hash(model_dir), heads + singles, circuits)
 
 
 @pytest.fixture(scope="module")
 def spec_path(smollm2_dir, tmp_path_factory) -> Path:
-    """The spec the live tests run. Point this at sidecar/models/smollm2_spec/spec.yaml to
-    check the discovered spec instead (any spec for this model works)."""
+    """The spec the live tests run: the discovered one, widened to every site kind."""
     return build_test_spec(tmp_path_factory.mktemp("smollm2_spec"), smollm2_dir)
 
 
