@@ -38,6 +38,15 @@ from sidecar.spec.schema import CircuitSpec
 
 logger = logging.getLogger(__name__)
 
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # The probes ping every second (see shipper.py) to notice a stopped sidecar; by default
+    # a server allows one ping per 5 minutes on a stream it sends no data on, and closes the
+    # connection (too_many_pings) after two more.
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -99,9 +108,7 @@ class Sidecar:
         self._health = health_aio.HealthServicer()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
-        self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        )
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
         self._server.add_generic_rpc_handlers((self._ingest.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         port = self._server.add_insecure_port(self.listen)
