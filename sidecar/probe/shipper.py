@@ -8,19 +8,22 @@ returns (when the deque is full the oldest step is dropped and its tokens counte
 per-message costs (building, sending, decoding, scoring) once for many steps, and wakes
 this thread once per message rather than once per step. When the sidecar is unreachable or
 the stream breaks, the steps waiting are dropped and their tokens counted
-(``sidecar_unavailable``) and the thread reconnects with jittered exponential backoff
-(0.05 s doubling to 0.5 s; only a stream that lasted resets it), so the sidecar can start,
-stop and restart under a running engine and batches flow again within a second of it
-accepting connections, however long it was away. Every message carries the cumulative drop
+(``sidecar_unavailable``) and the thread reconnects (after a stream ended, with a jittered
+exponential backoff of 0.05 s doubling to 0.5 s that only a stream that lasted resets), so
+the sidecar can start, stop and restart under a running engine and batches flow again
+within a second of it accepting connections, however long it was away (measured in
+tests/test_reconnect.py). Every message carries the cumulative drop
 counts by reason (``dropped_total``), in tokens, which is what
 ``circuitwatch_samples_dropped_total`` counts.
 
 gRPC keeps its own reconnect backoff inside a channel (1 s growing to 120 s by default) and
 shares subchannels, and their backoff, between channels to the same address: a fresh
 channel after a long outage would wait out that backoff. ``CHANNEL_OPTIONS`` give each
-channel its own subchannel and a backoff capped like ours, and keepalive pings so that a
-sidecar that stops answering (SIGSTOP, a hung host) ends the stream within seconds instead
-of leaving it blocked on flow control; the sidecar permits those pings (see service.py).
+channel its own subchannel and a connect backoff capped at 0.25 s, which paces the attempts
+while the sidecar is away (so a connect that times out is retried at once, with a new
+channel), and keepalive pings so that a sidecar that stops answering (SIGSTOP, a hung host)
+ends the stream within seconds instead of leaving it blocked on flow control; the sidecar
+permits those pings (see service.py).
 
 The items queued are any ``Shippable``; the ``resolve`` function given to the shipper turns
 a group of them into one batch on the shipper thread, so waiting for a device copy and
@@ -94,7 +97,7 @@ CHANNEL_OPTIONS = (
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.min_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 250),
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     # gRPC 1.6x times a keepalive ping out after this one (default 60 s), not the above.
@@ -214,8 +217,7 @@ class Shipper:
                 self._drop_queued()
                 if self._closed:
                     return
-                self._sleep(next(delays))
-                continue
+                continue  # the channel's own backoff paced the attempts
             started = time.monotonic()
             self._stream(channel)
             channel.close()
