@@ -15,6 +15,7 @@ rather than waiting. On a CPU the copies are plain copies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,9 @@ class Drain:
         sample: SamplePolicy,
         drops: DropCounts,
         ring_rows: int,
+        trace_parent: Callable[[str], str | None] = lambda request_id: None,
     ):
+        """``trace_parent``: a request's W3C traceparent by engine id, given once."""
         self.taps = taps
         self.identity = identity
         self.sample = sample
@@ -57,6 +60,8 @@ class Drain:
         widths = [tap.values.shape[1] for tap in taps.taps]
         self.ring = HostRing(widths, ring_rows, pin=self._cuda)
         self.request_ids = RequestIds(identity.randomized_ids)
+        self.trace_parent = trace_parent
+        self._unsent_traces: dict[str, str] = {}  # shipper thread only: until a batch names it
 
     def collect(self, step: int, layout: StepLayout, finished: list[str]) -> PendingStep | None:
         """Start copying this step's rows out; None (and counted) if the ring is full."""
@@ -75,7 +80,12 @@ class Drain:
         if self._cuda:
             event = torch.cuda.Event()
             event.record()
-        return PendingStep(self.ring, span, event, step, layout, ids.req_ids, ids.finished)
+        traces = {
+            name: traceparent
+            for internal, name in zip(layout.req_ids, ids.req_ids, strict=True)
+            if (traceparent := self.trace_parent(internal)) is not None
+        }
+        return PendingStep(self.ring, span, event, step, layout, ids.req_ids, ids.finished, traces)
 
     def resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
         """One ``TokenBatch`` of ``steps`` (in order), or None when none has anything to send.
@@ -102,6 +112,8 @@ class Drain:
             for pending in steps:
                 pending.discard()
         finished = [p.finished for p in steps]
+        for pending in steps:
+            self._unsent_traces.update(pending.traces)
         step_of_row = np.repeat(np.arange(len(steps)), sizes)
         step_tokens = np.bincount(step_of_row[keep], minlength=len(steps))
         listed = [i for i in range(len(steps)) if step_tokens[i] or finished[i]]
@@ -120,12 +132,17 @@ class Drain:
         k = self.taps.component_ids.shape[0]
         values = np.concatenate(columns, axis=1) if columns else np.zeros((keep.shape[0], k))
         identity = self.identity
+        request_ids = [names[r] for r in present]
+        # Each traceparent goes with the first batch that names its request.
+        traces = {r: self._unsent_traces.pop(r) for r in request_ids if r in self._unsent_traces}
+        for name in (r for done in finished for r in done):
+            self._unsent_traces.pop(name, None)
         return TokenBatch(
             spec_hash=identity.spec_hash,
             model_name=identity.model_name,
             steps=tuple(steps[i].step for i in listed),
             component_ids=self.taps.component_ids,
-            request_ids=[names[r] for r in present],
+            request_ids=request_ids,
             request_index=request_index.astype(np.uint32),
             positions=rows.positions,
             phases=rows.phases,
@@ -135,6 +152,7 @@ class Drain:
             world_size=identity.world_size,
             step_tokens=tuple(int(step_tokens[i]) for i in listed),
             step_finished=tuple(len(finished[i]) for i in listed),
+            traceparents=traces,
         )
 
 
@@ -150,8 +168,10 @@ class PendingStep:
         layout: StepLayout,
         names: list[str],
         finished: list[str],
+        traces: dict[str, str],
     ):
-        """``names``: the exported ids of ``layout.req_ids``; ``finished``: exported ids."""
+        """``names``: the exported ids of ``layout.req_ids``; ``finished``: exported ids;
+        ``traces``: traceparents of requests by exported id."""
         self._ring = ring
         self._span: Span | None = span
         self._event = event
@@ -159,6 +179,7 @@ class PendingStep:
         self.layout = layout
         self.names = names
         self.finished = finished
+        self.traces = traces
         self.tokens = len(span)  # what a drop of this step loses
 
     def arrays(self) -> tuple[list[np.ndarray], np.ndarray]:

@@ -11,6 +11,9 @@ gpu_worker.Worker``, which the CPU worker inherits):
     execute_model  after each step's forward is launched, drain the taps to the shipper;
     shutdown       first send what the shipper still holds (for a few seconds at most).
 
+and, in the engine core's process, the scheduler's ``add_request``, to keep a request's
+W3C ``traceparent`` where a worker in the same process reads it (``sidecar.probe.runtime``).
+
 Wrapping is idempotent. Nothing here raises into vLLM: a bad setting, a bad spec, an
 unsupported model or a failing drain is logged and the engine serves without probes.
 
@@ -46,9 +49,11 @@ def register() -> None:
             return
         _log_like_vllm()
         remember_process_cpus()
+        from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.worker.gpu_worker import Worker
 
         _wrap_worker(Worker, config)
+        _wrap_scheduler(Scheduler)
     except Exception:
         logger.exception("circuitwatch: could not hook into vLLM's worker; probes off")
 
@@ -100,6 +105,25 @@ def _wrap_worker(worker_cls: type, config: ProbeConfig) -> None:
     ):
         setattr(wrapper, _WRAPPED_ATTR, True)
         setattr(worker_cls, name, wrapper)
+
+
+def _wrap_scheduler(scheduler_cls: type) -> None:
+    add_request = scheduler_cls.add_request
+    if getattr(add_request, _WRAPPED_ATTR, False):
+        return
+
+    @functools.wraps(add_request)
+    def remember_then_add(self, request, *args, **kwargs):
+        try:
+            from sidecar.probe.runtime import remember_trace_context
+
+            remember_trace_context(self, request)
+        except Exception:
+            logger.exception("circuitwatch: could not read the request's trace context")
+        return add_request(self, request, *args, **kwargs)
+
+    setattr(remember_then_add, _WRAPPED_ATTR, True)
+    scheduler_cls.add_request = remember_then_add
 
 
 def _install(worker: Any, config: ProbeConfig) -> None:

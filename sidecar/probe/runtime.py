@@ -11,11 +11,21 @@ on CUDA) leaves the step's ``InputBatch`` in ``runner.execute_model_state`` unti
 ``sample_tokens``. ``step_layout`` reads either. With async scheduling (vLLM's default where
 supported) the forward may still be running when ``execute_model`` returns; the drain's
 copies are queued on the same stream after it, so nothing here waits for it.
+
+Trace context: vLLM's OpenAI front end puts a request's ``traceparent`` header into
+``trace_headers`` (only with ``--otlp-traces-endpoint``), and the engine core keeps it on
+its ``Request``; the worker's ``SchedulerOutput`` (``NewRequestData``) does not carry it.
+With vLLM's single-process executor ("uni", the default for one rank) the worker runs in the
+engine core's process, so ``remember_trace_context`` (called as the scheduler admits a
+request) leaves it in ``TRACE_PARENTS`` for the drain to take once. Other executors run
+workers in processes of their own, which never see it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +134,7 @@ class WorkerProbe:
         )
         # Room for a few forwards' worth of steps while the shipper gathers and sends.
         ring_rows = RING_FORWARDS * engine.max_tokens_per_forward
-        drain = Drain(taps, identity, config.sample, drops, ring_rows)
+        drain = Drain(taps, identity, config.sample, drops, ring_rows, TRACE_PARENTS.take)
         shipper = Shipper(
             config.endpoint,
             drain.resolve,
@@ -194,3 +204,44 @@ def step_layout(runner: Any, scheduler_output: Any) -> StepLayout:
         )
         prompt_lens = batch.num_prompt_tokens[: len(req_ids)]
     return StepLayout(req_ids, num_scheduled, np.asarray(prompt_lens, dtype=np.int64))
+
+
+class TraceParents:
+    """W3C traceparent by engine request id, from the scheduler's thread to the worker's.
+
+    Bounded: a request that never reaches the worker (aborted while waiting) is forgotten
+    once ``capacity`` newer ones arrived.
+    """
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        self.capacity = capacity
+        self._by_request: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, request_id: str, traceparent: str) -> None:
+        with self._lock:
+            self._by_request[request_id] = traceparent
+            if len(self._by_request) > self.capacity:
+                self._by_request.popitem(last=False)
+
+    def take(self, request_id: str) -> str | None:
+        """The request's traceparent, once; None when unknown or already taken."""
+        if not self._by_request:  # the usual case, without tracing: no lock per request
+            return None
+        with self._lock:
+            return self._by_request.pop(request_id, None)
+
+
+TRACE_PARENTS = TraceParents()
+
+
+def remember_trace_context(scheduler: Any, request: Any) -> None:
+    """Keep an admitted request's traceparent where this process's worker can take it.
+
+    Only with the single-process executor: other executors' workers live elsewhere.
+    """
+    headers = request.trace_headers
+    if not headers or "traceparent" not in headers:
+        return
+    if scheduler.vllm_config.parallel_config.distributed_executor_backend == "uni":
+        TRACE_PARENTS.remember(request.request_id, headers["traceparent"])

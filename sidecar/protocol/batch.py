@@ -53,6 +53,9 @@ class TokenBatch:
     # Per step, in order: how many rows and finished ids it has. Empty: one step has them all.
     step_tokens: tuple[int, ...] = ()
     step_finished: tuple[int, ...] = ()
+    # W3C traceparent by request id, for requests whose trace context the engine knows; sent
+    # once per request. Passed through unchecked: the sidecar's tracing validates it.
+    traceparents: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +94,11 @@ class TokenBatch:
                     ],
                     step_tokens=(),
                     step_finished=(),
+                    traceparents={
+                        self.request_ids[j]: self.traceparents[self.request_ids[j]]
+                        for j in present
+                        if self.request_ids[j] in self.traceparents
+                    },
                 )
             )
         return parts
@@ -113,6 +121,7 @@ def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
         dropped_total=batch.dropped_total,
         step_tokens=batch.step_tokens,
         step_finished=batch.step_finished,
+        traceparents=batch.traceparents,
     )
 
 
@@ -171,6 +180,7 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
         world_size=msg.world_size,
         step_tokens=step_tokens,
         step_finished=step_finished,
+        traceparents=dict(msg.traceparents),
     )
 
 

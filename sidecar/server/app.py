@@ -4,7 +4,9 @@ Configuration order: command-line option, then environment variable, then defaul
 
     --listen        CIRCUITWATCH_LISTEN         unix:///tmp/circuitwatch.sock
     --metrics-port  CIRCUITWATCH_METRICS_PORT   9464
-    --otlp-endpoint OTEL_EXPORTER_OTLP_ENDPOINT (no trace export when unset)
+    --otlp-endpoint OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT
+                    (no trace export when none is set)
+    --otlp-protocol OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL  grpc
 
 A Unix socket is mode 0600, or 0660 in the group given with ``--socket-group``. The process
 creates no other file, so its umask is set to that mode's complement before anything is
@@ -26,7 +28,7 @@ import signal
 import sys
 
 from sidecar.server.service import Sidecar
-from sidecar.server.tracing import tracer_provider_from_config
+from sidecar.server.tracing import OTLP_PROTOCOLS, tracer_provider_from_config
 
 DEFAULT_LISTEN = "unix:///tmp/circuitwatch.sock"
 DEFAULT_METRICS_PORT = 9464
@@ -72,7 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--otlp-endpoint",
-        help="export one span per request over OTLP (env OTEL_EXPORTER_OTLP_ENDPOINT)",
+        help="export one span per request over OTLP (env OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
+        "then OTEL_EXPORTER_OTLP_ENDPOINT; no export when none is set)",
+    )
+    parser.add_argument(
+        "--otlp-protocol",
+        choices=OTLP_PROTOCOLS,
+        help="OTLP transport (env OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, then "
+        "OTEL_EXPORTER_OTLP_PROTOCOL; default grpc)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
@@ -91,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         listen = args.listen or os.environ.get("CIRCUITWATCH_LISTEN") or DEFAULT_LISTEN
         metrics_port = _metrics_port(args.metrics_port)
-        tracer_provider = tracer_provider_from_config(args.otlp_endpoint)
+        tracer_provider = tracer_provider_from_config(args.otlp_endpoint, args.otlp_protocol)
         sidecar = Sidecar(
             spec,
             listen,

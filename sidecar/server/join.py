@@ -129,6 +129,7 @@ def _merge(parts: list[TokenBatch]) -> TokenBatch:
         phases=first.phases,
         values=np.hstack([p.values for p in parts]),
         finished_request_ids=list(finished),
+        traceparents={k: v for part in parts for k, v in part.traceparents.items()},
         rank=0,
         world_size=1,
     )

@@ -152,6 +152,12 @@ class SidecarMetrics:
             ["circuit", "model_name", "phase", "verdict"],
             registry=registry,
         )
+        self.counter_trace_context_invalid = Counter(
+            "circuitwatch_trace_context_invalid_total",
+            "W3C traceparent values from probes that were malformed and ignored (the request's "
+            "span then starts a trace of its own).",
+            registry=registry,
+        )
         self.gauge_live_requests = Gauge(
             "circuitwatch_live_requests",
             "Requests with aggregation state in the sidecar.",

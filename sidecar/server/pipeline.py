@@ -86,7 +86,14 @@ class Pipeline:
             positions, phases = positions[finite], phases[finite]
         if scores.shape[0]:
             for dropped in self.requests.add(
-                model_name, batch.request_ids, request_index, positions, phases, scores, now
+                model_name,
+                batch.request_ids,
+                request_index,
+                positions,
+                phases,
+                scores,
+                now,
+                batch.traceparents,
             ):
                 self.metrics.drop(dropped.model_name, dropped.reason, dropped.tokens)
                 if dropped.model_name != model_name:  # an eviction frees another model's slot

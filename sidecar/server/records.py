@@ -65,6 +65,7 @@ class RequestRecord:
     phases: tuple[PhaseStats, ...]  # only phases that had tokens, prompt first
     first_received: float  # time.monotonic() when the request's first tokens arrived
     tokens: TokenScores | None = None  # set when the sidecar keeps per-token scores
+    traceparent: str | None = None  # W3C traceparent the probe sent, unchecked
 
     def phase(self, name: str) -> PhaseStats | None:
         for stats in self.phases:

@@ -20,7 +20,7 @@ dropped instead of opening a second record.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +84,7 @@ class RequestTable:
         self._request_of: list[str] = [""] * slots
         self._model_of: list[str] = [""] * slots
         self._kept: list[_Kept | None] = [None] * slots
+        self._trace_of: list[str | None] = [None] * slots
         self._free = list(range(slots - 1, -1, -1))
         self._recently_finished: dict[str, None] = {}
         self._live_by_model: dict[str, int] = {}
@@ -103,9 +104,15 @@ class RequestTable:
         phases: np.ndarray,
         scores: np.ndarray,
         now: float,
+        traceparents: Mapping[str, str] | None = None,
     ) -> list[DroppedTokens]:
-        """Fold one batch's scores [n, c] into the requests' aggregates."""
+        """Fold one batch's scores [n, c] into the requests' aggregates; ``traceparents``
+        (by request id) are kept for the requests' records."""
         slot_of_request, dropped = self._slots_for(model_name, request_ids, request_index, now)
+        for request_id, traceparent in (traceparents or {}).items():
+            slot = self._slot_of.get(request_id)
+            if slot is not None:
+                self._trace_of[slot] = traceparent
         if dropped:
             keep = slot_of_request[request_index] != _NO_SLOT
             request_index, positions = request_index[keep], positions[keep]
@@ -213,6 +220,7 @@ class RequestTable:
         self._streaming.clear(slot * 2 + np.arange(2))
         self._last_seen[slot] = np.inf
         self._kept[slot] = None
+        self._trace_of[slot] = None
         self._free.append(slot)
 
     def _remember_finished(self, request_id: str) -> None:
@@ -287,4 +295,5 @@ class RequestTable:
             phases=tuple(phases),
             first_received=float(self._first_seen[slot]),
             tokens=tokens,
+            traceparent=self._trace_of[slot],
         )

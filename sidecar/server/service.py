@@ -96,7 +96,9 @@ class Sidecar:
         self.metrics.set_build_info(__version__, spec.hash, spec.model.hash, spec.model.name)
         all_sinks: list[RecordSink] = [MetricsSink(self.metrics)]
         if tracer_provider is not None:
-            all_sinks.append(TracingSink(tracer_provider))
+            all_sinks.append(
+                TracingSink(tracer_provider, self.metrics.counter_trace_context_invalid)
+            )
         all_sinks.extend(sinks)
         scorer = Scorer.from_spec(spec)
         self.pipeline = Pipeline(

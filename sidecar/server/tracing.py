@@ -9,31 +9,62 @@ circuit's configured aggregate ``circuitwatch.circuit.<name>.<phase>.aggregate``
 where the circuit has a verdict threshold for the phase,
 ``circuitwatch.circuit.<name>.<phase>.verdict`` ("flagged" or "clear").
 
+Trace context: when the probe sent the request's W3C ``traceparent`` (see
+``sidecar.probe.runtime.TraceParents``: vLLM passes it to the engine core only when its own
+tracing is on, ``--otlp-traces-endpoint``, and the probe can read it only where the worker
+shares the engine core's process, vLLM's single-process executor), the span is a child of
+that context: it joins the caller's trace as a sibling of vLLM's ``llm_request`` span, whose
+own span id vLLM makes only when the request has finished. Otherwise the span starts a trace
+of its own, and ``gen_ai.request.id``, equal to vLLM's, joins the two. A malformed
+traceparent is ignored and counted (``circuitwatch_trace_context_invalid_total``).
+
 The TracerProvider is passed in; ``tracer_provider_from_config`` builds one that exports
-over OTLP only when an endpoint is configured (argument, then
-``OTEL_EXPORTER_OTLP_ENDPOINT``). Spans go through a BatchSpanProcessor, so ``emit``
-never waits on the network.
+over OTLP only when an endpoint is configured. Order: argument, then the OpenTelemetry
+environment variables ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (used as is), then
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (``/v1/traces`` appended for HTTP, as for an argument);
+protocol: argument, ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``, ``OTEL_EXPORTER_OTLP_PROTOCOL``,
+then "grpc". ``OTEL_SERVICE_NAME`` (default "circuitwatch-sidecar"),
+``OTEL_RESOURCE_ATTRIBUTES`` and the exporters' own variables (``OTEL_EXPORTER_OTLP_HEADERS``,
+``..._TIMEOUT``, ``..._CERTIFICATE``, ``..._INSECURE``) apply as the SDK defines them.
+Spans go through a BatchSpanProcessor, so ``emit`` never waits on the network.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, get_current_span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import Counter
 
 from sidecar.server.records import RequestRecord
 
 SPAN_NAME = "circuitwatch.request"
 SERVICE_NAME = "circuitwatch-sidecar"
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def parent_context(traceparent: str) -> Context | None:
+    """The context a W3C ``traceparent`` names, or None when it is malformed."""
+    context = _PROPAGATOR.extract({"traceparent": traceparent})
+    return context if get_current_span(context).get_span_context().is_valid else None
 
 
 class TracingSink:
-    def __init__(self, tracer_provider: TracerProvider) -> None:
+    def __init__(
+        self, tracer_provider: TracerProvider, invalid_trace_context: Counter | None = None
+    ) -> None:
+        """``invalid_trace_context`` counts the malformed traceparents that were ignored."""
         self._tracer = tracer_provider.get_tracer("circuitwatch.sidecar")
+        self._invalid = invalid_trace_context
 
     def emit(self, record: RequestRecord) -> None:
         end = time.time_ns()
@@ -53,35 +84,67 @@ class TracingSink:
                 attributes[f"{prefix}.aggregate"] = stats.aggregate
                 if stats.verdict is not None:
                     attributes[f"{prefix}.verdict"] = stats.verdict
+        parent = None
+        if record.traceparent is not None:
+            parent = parent_context(record.traceparent)
+            if parent is None and self._invalid is not None:
+                self._invalid.inc()
         span = self._tracer.start_span(
-            SPAN_NAME, kind=SpanKind.INTERNAL, attributes=attributes, start_time=start
+            SPAN_NAME, parent, SpanKind.INTERNAL, attributes=attributes, start_time=start
         )
         span.end(end_time=end)
+
+
+@dataclass(frozen=True)
+class OtlpConfig:
+    endpoint: str  # the full traces URL for HTTP, the collector's address for gRPC
+    protocol: str  # one of OTLP_PROTOCOLS
+    service_name: str
+
+
+def otlp_config(
+    otlp_endpoint: str | None = None,
+    protocol: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> OtlpConfig | None:
+    """Where and how to export (see the module's docstring), or None when no endpoint is set.
+
+    Raises ValueError for an unsupported protocol, naming where it came from.
+    """
+    sources = (
+        ("--otlp-protocol", protocol),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")),
+        ("default", "grpc"),
+    )
+    source, chosen = next((name, value) for name, value in sources if value)
+    if chosen not in OTLP_PROTOCOLS:
+        raise ValueError(
+            f"{source}: OTLP protocol {chosen!r} is not supported: use 'grpc' or 'http/protobuf'"
+        )
+    service = environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME
+    signal_endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if not otlp_endpoint and signal_endpoint:
+        return OtlpConfig(signal_endpoint, chosen, service)
+    base = otlp_endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not base:
+        return None
+    if chosen == "http/protobuf":
+        base = base.rstrip("/") + "/v1/traces"
+    return OtlpConfig(base, chosen, service)
 
 
 def tracer_provider_from_config(
     otlp_endpoint: str | None = None, protocol: str | None = None
 ) -> TracerProvider | None:
-    """A provider exporting to OTLP, or None when no endpoint is configured.
-
-    ``protocol`` ("grpc" or "http/protobuf") falls back to OTEL_EXPORTER_OTLP_PROTOCOL,
-    then "grpc".
-    """
-    endpoint = otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if not endpoint:
+    """A provider exporting to OTLP as ``otlp_config`` says, or None when it says nothing."""
+    config = otlp_config(otlp_endpoint, protocol)
+    if config is None:
         return None
-    protocol = protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    if protocol == "grpc":
+    if config.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        endpoint = endpoint.rstrip("/") + "/v1/traces"
     else:
-        raise ValueError(
-            f"OTLP protocol {protocol!r} is not supported: use 'grpc' or 'http/protobuf'"
-        )
-    service = os.environ.get("OTEL_SERVICE_NAME", SERVICE_NAME)
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint)))
     return provider
