@@ -3,6 +3,7 @@ server (default compiled mode) as separate processes, driven by the real `openai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -51,21 +52,29 @@ def _samples(text: str, name: str) -> list:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("openai")
+    with running_servers(tmp_path_factory.mktemp("openai")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_servers(tmp, sidecar_args=(), vllm_args=()):
+    """(API base URL, sidecar /metrics URL) of `circuitwatch serve` and vLLM's OpenAI server
+    on the tiny model; extra command-line arguments for each."""
     model, spec = tiny_model_and_spec(tmp)
     listen = f"unix://{tmp}/ingest.sock"
     metrics_port, api_port = _free_port(), _free_port()
     logs = {name: open(tmp / f"{name}.log", "w") for name in ("sidecar", "vllm")}
     sidecar = subprocess.Popen(
         [sys.executable, "-m", "sidecar.cli", "serve", "--spec", str(spec), "--listen", listen,
-         "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"],
+         "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1", *sidecar_args],
         stdout=logs["sidecar"], stderr=subprocess.STDOUT,
     )  # fmt: skip
     env = dict(os.environ, CIRCUITWATCH_SPEC=str(spec), CIRCUITWATCH_ENDPOINT=listen)
     vllm = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
          "--served-model-name", "reference", "--host", "127.0.0.1", "--port", str(api_port),
-         "--gpu-memory-utilization", "0.2", "--max-model-len", "512", "--max-num-seqs", "8"],
+         "--gpu-memory-utilization", "0.2", "--max-model-len", "512", "--max-num-seqs", "8",
+         *vllm_args],
         env=env, stdout=logs["vllm"], stderr=subprocess.STDOUT,
     )  # fmt: skip
     procs = (sidecar, vllm)

@@ -3,6 +3,7 @@ and spans received by real OTLP receivers (gRPC TraceService, HTTP POST /v1/trac
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,24 +83,38 @@ def _http_handler(received: Received) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture(params=["grpc", "http/protobuf"])
-def receiver(request):
-    """(protocol, base endpoint, Received) of a running OTLP receiver on 127.0.0.1."""
+@contextlib.contextmanager
+def grpc_receiver():
+    """(base endpoint, Received) of an OTLP gRPC TraceService on 127.0.0.1."""
     received = Received()
-    if request.param == "grpc":
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(GrpcReceiver(received), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        yield request.param, f"http://127.0.0.1:{port}", received
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(GrpcReceiver(received), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", received
+    finally:
         server.stop(None)
-    else:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(received))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        yield request.param, f"http://127.0.0.1:{server.server_port}", received
+
+
+@contextlib.contextmanager
+def http_receiver():
+    """(base endpoint, Received) of an OTLP/HTTP receiver (POST /v1/traces) on 127.0.0.1."""
+    received = Received()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(received))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", received
+    finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(params=["grpc", "http/protobuf"])
+def receiver(request):
+    """(protocol, base endpoint, Received) of a running OTLP receiver."""
+    with (grpc_receiver if request.param == "grpc" else http_receiver)() as (endpoint, received):
+        yield request.param, endpoint, received
 
 
 def test_spans_continue_the_traceparent_over_otlp(tmp_path, monkeypatch, receiver):
@@ -224,3 +239,38 @@ def test_a_bad_protocol_names_where_it_came_from():
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "json"}
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL: .*'json'"):
         otlp_config(environ=env)
+
+
+def _attribute(span, key: str) -> str | None:
+    return next((a.value.string_value for a in span.attributes if a.key == key), None)
+
+
+@pytest.mark.engine
+def test_openai_request_with_traceparent_is_joined_to_the_callers_trace(tmp_path):
+    """vLLM's OpenAI server (with its own tracing on, or it drops trace headers) and the
+    sidecar export to one receiver: both spans are children of the caller's span."""
+    from openai import OpenAI
+    from test_openai_server import running_servers
+
+    with grpc_receiver() as (endpoint, received):
+        with running_servers(
+            tmp_path,
+            sidecar_args=("--otlp-endpoint", endpoint, "--otlp-protocol", "grpc"),
+            vllm_args=("--otlp-traces-endpoint", endpoint),
+        ) as (api, _):
+            client = OpenAI(base_url=f"{api}/v1", api_key="unused")
+            completion = client.completions.create(
+                model="reference",
+                prompt="import os\n",
+                max_tokens=4,
+                temperature=0.0,
+                extra_headers={"traceparent": TRACEPARENT},
+            )
+            assert completion.usage.completion_tokens > 0
+            spans = received.wait_for(2, timeout=60)  # vLLM's and the sidecar's
+    by_name = {span.name: span for span in spans}
+    ours, vllms = by_name["circuitwatch.request"], by_name["llm_request"]
+    for span in (ours, vllms):
+        assert (span.trace_id.hex(), span.parent_span_id.hex()) == (TRACE_ID, PARENT_ID)
+    request_id = _attribute(ours, "gen_ai.request.id")
+    assert request_id == _attribute(vllms, "gen_ai.request.id") == completion.id
