@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from test_probe_drain import make_drain, run_step
 from test_server_grpc import MODEL, Engine, scrape, send, start, value
 
 from sidecar.probe.runtime import TraceParents
@@ -181,6 +182,24 @@ def test_traceparents_cross_the_wire_and_follow_their_steps():
     first, second = two_steps.split_steps()
     assert (first.traceparents, second.traceparents) == ({}, {"b": TRACEPARENT})
     assert from_message(to_message(engine.batch([])), 3).traceparents == {}
+
+
+def test_the_drain_ships_each_requests_traceparent_once_under_its_exported_id():
+    drain, taps, _ = make_drain()
+    parents = TraceParents()
+    drain.trace_parent = parents.take
+    parents.remember("a-0000000a", TRACEPARENT)
+    first = drain.resolve([run_step(drain, taps, 1, [("a-0000000a", 2, [0, 1])])])
+    parents.remember("b-0000000b", "00-late-01")  # admitted after a's first step
+    later = drain.resolve(
+        [
+            run_step(drain, taps, 2, [("a-0000000a", 2, [2]), ("b-0000000b", 1, [0])]),
+            run_step(drain, taps, 3, [("a-0000000a", 2, [3])], finished=["b-0000000b"]),
+        ]
+    )
+    assert first.traceparents == {"a": TRACEPARENT}
+    assert later.traceparents == {"b": "00-late-01"}
+    assert from_message(to_message(later), 5).traceparents == {"b": "00-late-01"}
 
 
 def test_trace_parents_are_given_once_and_bounded():
