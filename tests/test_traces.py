@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from test_probe_drain import make_drain, run_step
 from test_server_grpc import MODEL, Engine, scrape, send, start, value
 
-from sidecar.probe.runtime import TraceParents
+from sidecar.probe.runtime import TraceParents, carry_trace_context, new_trace_contexts
 from sidecar.protocol.batch import GENERATED, PROMPT, from_message, to_message
 from sidecar.server.tracing import OtlpConfig, otlp_config, tracer_provider_from_config
 
@@ -43,11 +43,15 @@ class Received:
                         self.services.append(attributes.get("service.name"))
             self._condition.notify_all()
 
-    def wait_for(self, count: int, timeout: float = 10.0) -> list:
+    def wait_for(self, names: list[str], timeout: float = 10.0) -> dict:
+        """The first span of each name, once all have arrived."""
         with self._condition:
-            if not self._condition.wait_for(lambda: len(self.spans) >= count, timeout):
-                raise TimeoutError(f"{len(self.spans)} spans after {timeout} s, wanted {count}")
-            return list(self.spans)
+            if not self._condition.wait_for(
+                lambda: set(names) <= {s.name for s in self.spans}, timeout
+            ):
+                got = [s.name for s in self.spans]
+                raise TimeoutError(f"spans {got} after {timeout} s, wanted {names}")
+            return {name: next(s for s in self.spans if s.name == name) for name in names}
 
 
 class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -138,8 +142,8 @@ def test_spans_continue_the_traceparent_over_otlp(tmp_path, monkeypatch, receive
     try:
         with start(tmp_path, tracer_provider=provider) as sidecar:
             summary = send(sidecar.address, steps)
-            provider.force_flush()
-            spans = received.wait_for(3)
+            provider.force_flush()  # returns once the receiver answered the export
+            spans = list(received.spans)
             samples = scrape(sidecar.metrics_url)
     finally:
         provider.shutdown()
@@ -200,6 +204,32 @@ def test_the_drain_ships_each_requests_traceparent_once_under_its_exported_id():
     assert first.traceparents == {"a": TRACEPARENT}
     assert later.traceparents == {"b": "00-late-01"}
     assert from_message(to_message(later), 5).traceparents == {"b": "00-late-01"}
+
+
+def test_the_traceparent_rides_to_the_workers_in_the_sampling_params():
+    """Engine core -> scheduler output -> (pickled, as vLLM's multiprocessing executor sends
+    it) -> worker, with vLLM's own objects."""
+    import pickle
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.request import Request
+
+    def admitted(request_id, headers, extra_args=None):
+        params = SamplingParams(max_tokens=4, extra_args=extra_args)
+        request = Request(request_id, [1, 2, 3], params, None, trace_headers=headers)
+        carry_trace_context(request)
+        return NewRequestData.from_request(request, ([0],))
+
+    new = [
+        admitted("a-0000000a", {"traceparent": TRACEPARENT}, {"kv_transfer_params": None}),
+        admitted("b-0000000b", {"tracestate": "k=v"}),
+        admitted("c-0000000c", None),
+    ]
+    output = SimpleNamespace(scheduled_new_reqs=pickle.loads(pickle.dumps(new)))
+    assert new_trace_contexts(output) == [("a-0000000a", TRACEPARENT)]
+    assert "kv_transfer_params" in output.scheduled_new_reqs[0].sampling_params.extra_args
 
 
 def test_trace_parents_are_given_once_and_bounded():
@@ -286,10 +316,10 @@ def test_openai_request_with_traceparent_is_joined_to_the_callers_trace(tmp_path
                 extra_headers={"traceparent": TRACEPARENT},
             )
             assert completion.usage.completion_tokens > 0
-            spans = received.wait_for(2, timeout=60)  # vLLM's and the sidecar's
-    by_name = {span.name: span for span in spans}
+            by_name = received.wait_for(["circuitwatch.request", "llm_request"], timeout=60)
     ours, vllms = by_name["circuitwatch.request"], by_name["llm_request"]
     for span in (ours, vllms):
         assert (span.trace_id.hex(), span.parent_span_id.hex()) == (TRACE_ID, PARENT_ID)
     request_id = _attribute(ours, "gen_ai.request.id")
-    assert request_id == _attribute(vllms, "gen_ai.request.id") == completion.id
+    assert request_id == _attribute(vllms, "gen_ai.request.id")
+    assert request_id.startswith(completion.id)  # vLLM numbers a completion's prompts: -0

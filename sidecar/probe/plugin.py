@@ -11,8 +11,8 @@ gpu_worker.Worker``, which the CPU worker inherits):
     execute_model  after each step's forward is launched, drain the taps to the shipper;
     shutdown       first send what the shipper still holds (for a few seconds at most).
 
-and, in the engine core's process, the scheduler's ``add_request``, to keep a request's
-W3C ``traceparent`` where a worker in the same process reads it (``sidecar.probe.runtime``).
+and, in the engine core's process, the scheduler's ``add_request``, to copy a request's
+W3C ``traceparent`` to where the workers see it (``sidecar.probe.runtime``).
 
 Wrapping is idempotent. Nothing here raises into vLLM: a bad setting, a bad spec, an
 unsupported model or a failing drain is logged and the engine serves without probes.
@@ -115,9 +115,9 @@ def _wrap_scheduler(scheduler_cls: type) -> None:
     @functools.wraps(add_request)
     def remember_then_add(self, request, *args, **kwargs):
         try:
-            from sidecar.probe.runtime import remember_trace_context
+            from sidecar.probe.runtime import carry_trace_context
 
-            remember_trace_context(self, request)
+            carry_trace_context(request)
         except Exception:
             logger.exception("circuitwatch: could not read the request's trace context")
         return add_request(self, request, *args, **kwargs)

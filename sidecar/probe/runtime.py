@@ -14,17 +14,16 @@ copies are queued on the same stream after it, so nothing here waits for it.
 
 Trace context: vLLM's OpenAI front end puts a request's ``traceparent`` header into
 ``trace_headers`` (only with ``--otlp-traces-endpoint``), and the engine core keeps it on
-its ``Request``; the worker's ``SchedulerOutput`` (``NewRequestData``) does not carry it.
-With vLLM's single-process executor ("uni", the default for one rank) the worker runs in the
-engine core's process, so ``remember_trace_context`` (called as the scheduler admits a
-request) leaves it in ``TRACE_PARENTS`` for the drain to take once. Other executors run
-workers in processes of their own, which never see it.
+its ``Request``; the worker's ``SchedulerOutput`` (``NewRequestData``) does not carry it, but
+does carry the request's ``SamplingParams``, whose ``extra_args`` vLLM keeps for plugins. So
+``carry_trace_context`` (in the engine core, as the scheduler admits a request) copies the
+traceparent there, and ``new_trace_contexts`` reads it back in every worker, whatever the
+executor (one process, multiprocessing, any number of ranks).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,8 +79,17 @@ class EngineView:
 
 
 class WorkerProbe:
-    def __init__(self, spec: CircuitSpec, taps: TapSet, drain: Drain, shipper: Shipper, rank: int):
+    def __init__(
+        self,
+        spec: CircuitSpec,
+        taps: TapSet,
+        drain: Drain,
+        shipper: Shipper,
+        rank: int,
+        trace_parents: TraceParents,
+    ):
         self.spec = spec
+        self.trace_parents = trace_parents
         self.taps = taps
         self.drain = drain
         self.shipper = shipper
@@ -134,7 +142,8 @@ class WorkerProbe:
         )
         # Room for a few forwards' worth of steps while the shipper gathers and sends.
         ring_rows = RING_FORWARDS * engine.max_tokens_per_forward
-        drain = Drain(taps, identity, config.sample, drops, ring_rows, TRACE_PARENTS.take)
+        trace_parents = TraceParents()
+        drain = Drain(taps, identity, config.sample, drops, ring_rows, trace_parents.take)
         shipper = Shipper(
             config.endpoint,
             drain.resolve,
@@ -153,7 +162,7 @@ class WorkerProbe:
             len(spec.components),
             config.endpoint,
         )
-        return cls(spec, taps, drain, shipper, engine.rank)
+        return cls(spec, taps, drain, shipper, engine.rank, trace_parents)
 
     def after_step(self, runner: Any, scheduler_output: Any) -> None:
         """Drain this step into the shipper. Never raises: a failure turns the probe off."""
@@ -161,6 +170,8 @@ class WorkerProbe:
             return
         self.steps += 1
         try:
+            for request_id, traceparent in new_trace_contexts(scheduler_output):
+                self.trace_parents.remember(request_id, traceparent)
             finished = sorted(scheduler_output.finished_req_ids)
             if scheduler_output.total_num_scheduled_tokens:
                 layout = step_layout(runner, scheduler_output)
@@ -206,42 +217,44 @@ def step_layout(runner: Any, scheduler_output: Any) -> StepLayout:
     return StepLayout(req_ids, num_scheduled, np.asarray(prompt_lens, dtype=np.int64))
 
 
-class TraceParents:
-    """W3C traceparent by engine request id, from the scheduler's thread to the worker's.
+TRACEPARENT_ARG = "circuitwatch.traceparent"  # our key in SamplingParams.extra_args
 
-    Bounded: a request that never reaches the worker (aborted while waiting) is forgotten
-    once ``capacity`` newer ones arrived.
+
+class TraceParents:
+    """W3C traceparent by engine request id, from a request's first step to its first drain.
+
+    Bounded: a request that never reaches the drain is forgotten once ``capacity`` newer
+    ones arrived.
     """
 
     def __init__(self, capacity: int = 65_536) -> None:
         self.capacity = capacity
         self._by_request: OrderedDict[str, str] = OrderedDict()
-        self._lock = threading.Lock()
 
     def remember(self, request_id: str, traceparent: str) -> None:
-        with self._lock:
-            self._by_request[request_id] = traceparent
-            if len(self._by_request) > self.capacity:
-                self._by_request.popitem(last=False)
+        self._by_request[request_id] = traceparent
+        if len(self._by_request) > self.capacity:
+            self._by_request.popitem(last=False)
 
     def take(self, request_id: str) -> str | None:
         """The request's traceparent, once; None when unknown or already taken."""
-        if not self._by_request:  # the usual case, without tracing: no lock per request
-            return None
-        with self._lock:
-            return self._by_request.pop(request_id, None)
+        return self._by_request.pop(request_id, None) if self._by_request else None
 
 
-TRACE_PARENTS = TraceParents()
-
-
-def remember_trace_context(scheduler: Any, request: Any) -> None:
-    """Keep an admitted request's traceparent where this process's worker can take it.
-
-    Only with the single-process executor: other executors' workers live elsewhere.
-    """
+def carry_trace_context(request: Any) -> None:
+    """Engine core: copy an admitted ``Request``'s traceparent to where workers see it."""
     headers = request.trace_headers
-    if not headers or "traceparent" not in headers:
+    params = request.sampling_params
+    if not headers or "traceparent" not in headers or params is None:
         return
-    if scheduler.vllm_config.parallel_config.distributed_executor_backend == "uni":
-        TRACE_PARENTS.remember(request.request_id, headers["traceparent"])
+    params.extra_args = {**(params.extra_args or {}), TRACEPARENT_ARG: headers["traceparent"]}
+
+
+def new_trace_contexts(scheduler_output: Any) -> list[tuple[str, str]]:
+    """Worker: (engine request id, traceparent) of this step's new requests that have one."""
+    found = []
+    for new in scheduler_output.scheduled_new_reqs:
+        extra = new.sampling_params.extra_args if new.sampling_params is not None else None
+        if extra and TRACEPARENT_ARG in extra:
+            found.append((new.req_id, str(extra[TRACEPARENT_ARG])))
+    return found

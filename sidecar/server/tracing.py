@@ -10,13 +10,12 @@ where the circuit has a verdict threshold for the phase,
 ``circuitwatch.circuit.<name>.<phase>.verdict`` ("flagged" or "clear").
 
 Trace context: when the probe sent the request's W3C ``traceparent`` (see
-``sidecar.probe.runtime.TraceParents``: vLLM passes it to the engine core only when its own
-tracing is on, ``--otlp-traces-endpoint``, and the probe can read it only where the worker
-shares the engine core's process, vLLM's single-process executor), the span is a child of
-that context: it joins the caller's trace as a sibling of vLLM's ``llm_request`` span, whose
-own span id vLLM makes only when the request has finished. Otherwise the span starts a trace
-of its own, and ``gen_ai.request.id``, equal to vLLM's, joins the two. A malformed
-traceparent is ignored and counted (``circuitwatch_trace_context_invalid_total``).
+``sidecar.probe.runtime``; vLLM passes the header to its engine only when its own tracing is
+on, ``--otlp-traces-endpoint``), the span is a child of that context: it joins the caller's
+trace as a sibling of vLLM's ``llm_request`` span, whose own span id vLLM makes only in its
+front end once the request has finished, so it can be no one's parent. Without one the
+span starts a trace of its own, and ``gen_ai.request.id``, equal to vLLM's, joins the two.
+A malformed traceparent is ignored and counted (``circuitwatch_trace_context_invalid_total``).
 
 The TracerProvider is passed in; ``tracer_provider_from_config`` builds one that exports
 over OTLP only when an endpoint is configured. Order: argument, then the OpenTelemetry
