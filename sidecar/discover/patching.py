@@ -41,6 +41,7 @@ from sidecar.discover.patch_task import EncodedPair, MetricKind, Task
 from sidecar.spec.sites import Site, SiteKind
 
 FAMILIES = ("resid", "head", "mlp")
+PASS_TOKENS = 2048  # tokens per stacked forward pass of exact patching
 _SITE_OF = {"resid": SiteKind.RESID_PRE, "head": SiteKind.ATTN_Z, "mlp": SiteKind.MLP_POST}
 
 
@@ -140,8 +141,11 @@ def metric_values(logits: torch.Tensor, batch: _Batch, metric: MetricKind) -> to
     return -(token_lp * mask).sum(1) / mask.sum(1)
 
 
-def patch_hooks(model: nn.Module, components: Iterable[Component], clean: Captures) -> list[Hook]:
-    """Hooks that put the clean run's activation of each component into the running pass."""
+def patch_hooks(
+    model: nn.Module, components: Iterable[Component], clean: Captures, rows: slice = slice(None)
+) -> list[Hook]:
+    """Hooks that put the clean run's activation of each component into the running pass
+    (into its ``rows`` of the batch: several patches can share one forward pass)."""
     layers = model.model.layers
     d_head = _d_head(model)
     installed: list[Hook] = []
@@ -149,14 +153,16 @@ def patch_hooks(model: nn.Module, components: Iterable[Component], clean: Captur
         value = clean[c.site]
         if c.family == "resid":
             module = model.model.embed_tokens if c.layer == 0 else layers[c.layer - 1]
-            installed.append((module, "post", _replace_output(value, c.index)))
+            installed.append((module, "post", _replace_output(value, c.index, rows)))
         elif c.family == "head":
             columns = slice(c.index * d_head, (c.index + 1) * d_head)
             installed.append(
-                (layers[c.layer].self_attn.o_proj, "pre", _replace_input(value, columns))
+                (layers[c.layer].self_attn.o_proj, "pre", _replace_input(value, columns, rows))
             )
         else:
-            installed.append((layers[c.layer].mlp.down_proj, "pre", _replace_input(value, ...)))
+            installed.append(
+                (layers[c.layer].mlp.down_proj, "pre", _replace_input(value, ..., rows))
+            )
     return installed
 
 
@@ -165,19 +171,19 @@ def _d_head(model: nn.Module) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _replace_output(value: torch.Tensor, position: int):
+def _replace_output(value: torch.Tensor, position: int, rows: slice):
     def hook(_module, _args, output):
         hidden = (output[0] if isinstance(output, tuple) else output).clone()
-        hidden[:, position] = value[:, position].to(hidden.dtype)
+        hidden[rows, position] = value[:, position].to(hidden.dtype)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     return hook
 
 
-def _replace_input(value: torch.Tensor, columns):
+def _replace_input(value: torch.Tensor, columns, rows: slice):
     def hook(_module, args):
         patched = args[0].clone()
-        patched[..., columns] = value[..., columns].to(patched.dtype)
+        patched[rows, :, columns] = value[..., columns].to(patched.dtype)
         return (patched, *args[1:])
 
     return hook
@@ -251,12 +257,23 @@ def run_patching(
             gap = float((clean_metric - corrupted_metric).sum())
             components = components_of(model, families, batch.length)
             started = time.monotonic()
+            to_run = []
             for c in components:
-                patched = _forward(
-                    model, batch.corrupted, batch, task.metric, patch_hooks(model, [c], clean)
-                )
-                exact.add(c, float((patched - corrupted_metric).sum()), gap)
-                bar.update()
+                if _same(c, clean, corrupted):  # e.g. resid before the first differing token
+                    exact.add(c, 0.0, gap)
+                    bar.update()
+                else:
+                    to_run.append(c)
+            # Short prompts leave a forward pass mostly overhead: stack several patched copies
+            # of the batch (each patched in its own rows) into one pass.
+            per_pass = max(1, PASS_TOKENS // batch.clean.numel())
+            for start in range(0, len(to_run), per_pass):
+                group = to_run[start : start + per_pass]
+                for c, patched in zip(
+                    group, _patched_many(model, batch, task.metric, group, clean), strict=True
+                ):
+                    exact.add(c, float((patched - corrupted_metric).sum()), gap)
+                bar.update(len(group))
             exact_s += time.monotonic() - started
             started = time.monotonic()
             for c, value in _attribution(model, batch, task.metric, clean, components).items():
@@ -274,6 +291,28 @@ def run_patching(
         Effect(c, exact.recovery(c), attribution.recovery(c)) for c in sorted(exact.num)
     )
     return PatchingResult(baseline, effects, exact_s, attribution_s)
+
+
+def _patched_many(model, batch: _Batch, metric: MetricKind, group, clean: Captures) -> list:
+    """The metric [B] with each component of ``group`` patched alone, in one forward pass."""
+    size = len(batch.pairs)
+    installed = []
+    for v, c in enumerate(group):
+        installed += patch_hooks(model, [c], clean, slice(v * size, (v + 1) * size))
+    stacked = _Batch(
+        batch.pairs * len(group),
+        batch.clean.repeat(len(group), 1),
+        batch.corrupted.repeat(len(group), 1),
+    )
+    values = _forward(model, stacked.corrupted, stacked, metric, installed)
+    return list(values.split(size))
+
+
+def _same(c: Component, clean: Captures, corrupted: Captures) -> bool:
+    """Whether patching ``c`` changes nothing: its clean and corrupted values are equal."""
+    if c.family == "resid":
+        return torch.equal(clean[c.site][:, c.index], corrupted[c.site][:, c.index])
+    return False
 
 
 def _attribution(
