@@ -1,8 +1,8 @@
 """Cross-check exact activation patching against TransformerLens' own implementation.
 
-TransformerLens (4.x: ``TransformerBridge`` around the same HF checkpoint, and its
-``transformer_lens.patching`` functions) patches resid_pre by layer x position and each head's
-hook_z at all positions; ``sidecar.discover.patching`` does the same with its own hooks. Both
+TransformerLens (4.x: ``TransformerBridge`` around the same HF checkpoint, its hook points and
+``run_with_hooks``) patches resid_pre at a layer and position, and a head's hook_z at all
+positions; ``sidecar.discover.patching`` does the same with its own hooks. Both
 report recovery (0 corrupted, 1 clean); this prints and writes the largest absolute
 difference. TransformerLens' pins differ from vLLM's, so it runs from its own venv:
 
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformer_lens import patching as tl_patching
+from tqdm import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--task", default=str(CAPITALS_FILE))
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--out", default="")
+    parser.add_argument("--positions", type=int, nargs="+", default=[-2, -1])
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
     args = parser.parse_args()
     started = time.monotonic()
     model_dir = resolve_model(args.model)
@@ -75,22 +77,40 @@ def main() -> None:
     def recovery(logits: torch.Tensor) -> torch.Tensor:
         return (logit_diff(logits) - corrupted_value) / (clean_value - corrupted_value)
 
-    with torch.no_grad():
-        resid = tl_patching.get_act_patch_resid_pre(bridge, corrupted, clean_cache, recovery)
-        heads = tl_patching.get_act_patch_attn_head_out_all_pos(
-            bridge, corrupted, clean_cache, recovery
-        )
-    length = clean.shape[1]
-    resid_diff = max(
-        abs(float(resid[c.layer, length + c.index]) - value)
-        for c, value in ours.items()
-        if c.family == "resid"
-    )
-    head_diff = max(
-        abs(float(heads[c.layer, c.index]) - value)
-        for c, value in ours.items()
-        if c.family == "head"
-    )
+    def patched(name: str, fix) -> float:
+        with torch.no_grad():
+            return float(recovery(bridge.run_with_hooks(corrupted, fwd_hooks=[(name, fix)])))
+
+    def resid_fix(position: int):
+        def hook(value, hook):
+            value[:, position] = clean_cache[hook.name][:, position]
+            return value
+
+        return hook
+
+    def head_fix(head: int):
+        def hook(value, hook):  # [batch, pos, head, d_head], or flattened over heads
+            clean_z = clean_cache[hook.name]
+            if value.dim() == 4:
+                value[:, :, head] = clean_z[:, :, head]
+            else:
+                d_head = value.shape[-1] // bridge.cfg.n_heads
+                columns = slice(head * d_head, (head + 1) * d_head)
+                value[..., columns] = clean_z[..., columns]
+            return value
+
+        return hook
+
+    # TransformerLens' own hook points, one forward pass per patch (slow on a busy CPU): the
+    # resid cells of every layer at the positions given, and every head of the layers given.
+    resid_diffs, head_diffs = [], []
+    for c, value in tqdm(sorted(ours.items()), desc="TransformerLens"):
+        if c.family == "resid" and c.index in args.positions:
+            theirs = patched(f"blocks.{c.layer}.hook_resid_pre", resid_fix(c.index))
+            resid_diffs.append(abs(theirs - value))
+        elif c.family == "head" and c.layer in args.layers:
+            theirs = patched(f"blocks.{c.layer}.attn.hook_z", head_fix(c.index))
+            head_diffs.append(abs(theirs - value))
     import transformer_lens
 
     result = Crosscheck(
@@ -98,10 +118,10 @@ def main() -> None:
         task=Path(args.task).name,
         pairs=len(task.pairs),
         transformer_lens=getattr(transformer_lens, "__version__", "4.x"),
-        resid_max_abs_diff=resid_diff,
-        head_max_abs_diff=head_diff,
-        resid_cells=int(resid.numel()),
-        heads=int(heads.numel()),
+        resid_max_abs_diff=max(resid_diffs),
+        head_max_abs_diff=max(head_diffs),
+        resid_cells=len(resid_diffs),
+        heads=len(head_diffs),
         seconds=round(time.monotonic() - started, 1),
     )
     print(json.dumps(asdict(result), indent=1))
