@@ -8,7 +8,7 @@ difference. TransformerLens' pins differ from vLLM's, so it runs from its own ve
 
     python3 -m venv /work/tlvenv && /work/tlvenv/bin/pip install transformer-lens
     PYTHONPATH=$PWD /work/tlvenv/bin/python benchmarks/crosscheck_transformerlens.py \\
-        --model smollm2 --pairs 4 --out benchmarks/results/discover-patch-smollm2/crosscheck.json
+        --model smollm2 --pairs 2 --out benchmarks/results/discover-patch-smollm2/crosscheck_transformerlens.json
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -111,13 +112,11 @@ def main() -> None:
         elif c.family == "head" and c.layer in args.layers:
             theirs = patched(f"blocks.{c.layer}.attn.hook_z", head_fix(c.index))
             head_diffs.append(abs(theirs - value))
-    import transformer_lens
-
     result = Crosscheck(
         model=args.model,
         task=Path(args.task).name,
         pairs=len(task.pairs),
-        transformer_lens=getattr(transformer_lens, "__version__", "4.x"),
+        transformer_lens=version("transformer-lens"),
         resid_max_abs_diff=max(resid_diffs),
         head_max_abs_diff=max(head_diffs),
         resid_cells=len(resid_diffs),
