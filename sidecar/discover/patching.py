@@ -24,6 +24,7 @@ goes through ``sidecar.discover.hooks.hooks``; clean and corrupted activations c
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -431,14 +432,14 @@ def run(args) -> int:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown or not families:
         print(f"circuitwatch discover patch: --families takes {','.join(FAMILIES)}, "
-              f"got {args.families!r}")  # fmt: skip
+              f"got {args.families!r}", file=sys.stderr)  # fmt: skip
         return 2
     try:
         model_dir = resolve_model(args.model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         task = load_task(args.task, tokenizer, chat=args.chat, limit=args.pairs)
     except (ModelNotInstalled, TaskError) as e:
-        print(f"circuitwatch discover patch: {e}")
+        print(f"circuitwatch discover patch: {e}", file=sys.stderr)
         return 1
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load_s = time.monotonic() - started
