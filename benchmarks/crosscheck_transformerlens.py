@@ -8,7 +8,8 @@ difference. TransformerLens' pins differ from vLLM's, so it runs from its own ve
 
     python3 -m venv /work/tlvenv && /work/tlvenv/bin/pip install transformer-lens
     PYTHONPATH=$PWD /work/tlvenv/bin/python benchmarks/crosscheck_transformerlens.py \\
-        --model smollm2 --pairs 2 --out benchmarks/results/discover-patch-smollm2/crosscheck_transformerlens.json
+        --model smollm2 --pairs 2 \\
+        --out benchmarks/results/discover-patch-smollm2/crosscheck_transformerlens.json
 """
 
 from __future__ import annotations
