@@ -11,6 +11,7 @@ from test_server_aggregation import make_spec
 
 from sidecar.protocol.batch import GENERATED, PROMPT, TokenBatch
 from sidecar.server.anomaly import (
+    DEFAULT_ANOMALY,
     MAD_TO_SIGMA,
     MULTIVARIATE,
     AnomalyConfig,
@@ -77,7 +78,7 @@ def anomalous(scores, detectors):
     return any(s.detector in detectors and s.anomalous for s in scores)
 
 
-def run(records, config=AnomalyConfig()):  # noqa: B008 -- frozen, never mutated
+def run(records, config=DEFAULT_ANOMALY):
     monitor = AnomalyMonitor(CIRCUITS, config)
     return [monitor.score(r) for r in records]
 
@@ -162,7 +163,7 @@ def test_warm_up_scores_nothing():
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_stationary_stream_stays_under_the_false_alarm_rate(seed):
-    scores = run(stream(seed, 5000))[AnomalyConfig().warmup :]
+    scores = run(stream(seed, 5000))[DEFAULT_ANOMALY.warmup :]
     for detector in (*NAMES, MULTIVARIATE):
         assert np.mean([anomalous(s, {detector}) for s in scores]) <= FALSE_ALARM_RATE
 
