@@ -165,6 +165,37 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
     )
+    detectors = f'{MODEL},detector=~"$circuit|multivariate"'
+    anomalies = Row(
+        "Anomalies",
+        (
+            Panel(
+                "Anomalous requests",
+                "Requests per second whose anomaly score (against the model's recent requests, "
+                "after warm-up) is above the sidecar's --anomaly-threshold, by detector: a "
+                "circuit, or the multivariate distance over all circuits.",
+                (
+                    Query(
+                        "sum by (detector) (rate(circuitwatch_anomalous_requests_total"
+                        f"{{{detectors}}}{RATE}))",
+                        "{{detector}}",
+                    ),
+                ),
+                unit="reqps",
+            ),
+            Panel(
+                "Anomaly score p99",
+                "99th percentile of per-request anomaly scores (robust z), by detector.",
+                (
+                    Query(
+                        "histogram_quantile(0.99, sum by (le, detector) "
+                        f"(rate(circuitwatch_anomaly_score_bucket{{{detectors}}}{RATE})))",
+                        "{{detector}}",
+                    ),
+                ),
+            ),
+        ),
+    )
     per_circuit = Row(
         "Circuit $circuit",
         tuple(
@@ -231,7 +262,7 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
     )
-    return (overview, activity, per_circuit, pipeline)
+    return (overview, activity, anomalies, per_circuit, pipeline)
 
 
 def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:

@@ -7,7 +7,9 @@ vLLM's own spans), ``gen_ai.request.model``, ``circuitwatch.finished_by``,
 ``circuitwatch.tokens.<phase>``, ``circuitwatch.circuit.<name>.<phase>.mean|max``, the
 circuit's configured aggregate ``circuitwatch.circuit.<name>.<phase>.aggregate`` and,
 where the circuit has a verdict threshold for the phase,
-``circuitwatch.circuit.<name>.<phase>.verdict`` ("flagged" or "clear").
+``circuitwatch.circuit.<name>.<phase>.verdict`` ("flagged" or "clear"). With anomaly
+detection past its warm-up, per detector (a circuit's name or "multivariate"):
+``circuitwatch.anomaly.<detector>.score`` and ``circuitwatch.anomaly.<detector>.anomalous``.
 
 Trace context: when the probe sent the request's W3C ``traceparent`` (see
 ``sidecar.probe.runtime``; vLLM passes the header to its engine only when its own tracing is
@@ -68,7 +70,7 @@ class TracingSink:
     def emit(self, record: RequestRecord) -> None:
         end = time.time_ns()
         start = end - int((time.monotonic() - record.first_received) * 1e9)
-        attributes: dict[str, str | int | float] = {
+        attributes: dict[str, str | int | float | bool] = {
             "circuitwatch.request_id": record.request_id,
             "gen_ai.request.id": record.request_id,
             "gen_ai.request.model": record.model_name,
@@ -83,6 +85,9 @@ class TracingSink:
                 attributes[f"{prefix}.aggregate"] = stats.aggregate
                 if stats.verdict is not None:
                     attributes[f"{prefix}.verdict"] = stats.verdict
+        for anomaly in record.anomaly:
+            attributes[f"circuitwatch.anomaly.{anomaly.detector}.score"] = anomaly.score
+            attributes[f"circuitwatch.anomaly.{anomaly.detector}.anomalous"] = anomaly.anomalous
         parent = None
         if record.traceparent is not None:
             parent = parent_context(record.traceparent)
