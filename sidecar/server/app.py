@@ -6,6 +6,10 @@ Configuration order: command-line option, then environment variable, then defaul
     --metrics-port  CIRCUITWATCH_METRICS_PORT   9464
     --otlp-endpoint OTEL_EXPORTER_OTLP_ENDPOINT (no trace export when unset)
 
+Anomaly detection (sidecar.server.anomaly) is on by default: ``--no-anomaly`` turns it
+off; ``--anomaly-warmup``, ``--anomaly-window``, ``--anomaly-threshold`` and
+``--no-anomaly-length-control`` tune it.
+
 Exit status: 0 after a graceful stop, 2 for a bad spec or option (nothing is bound),
 1 when the ingest or metrics address cannot be bound.
 """
@@ -19,6 +23,7 @@ import os
 import signal
 import sys
 
+from sidecar.server.anomaly import DEFAULT_ANOMALY, AnomalyConfig
 from sidecar.server.service import Sidecar
 from sidecar.server.tracing import tracer_provider_from_config
 
@@ -64,6 +69,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--otlp-endpoint",
         help="export one span per request over OTLP (env OTEL_EXPORTER_OTLP_ENDPOINT)",
     )
+    parser.add_argument(
+        "--anomaly",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score each request against the model's recent requests (default on)",
+    )
+    parser.add_argument(
+        "--anomaly-warmup",
+        type=int,
+        default=DEFAULT_ANOMALY.warmup,
+        help=f"requests per model that only build the baseline (default {DEFAULT_ANOMALY.warmup})",
+    )
+    parser.add_argument(
+        "--anomaly-window",
+        type=int,
+        default=DEFAULT_ANOMALY.window,
+        help="non-anomalous requests the baseline is computed from "
+        f"(default {DEFAULT_ANOMALY.window})",
+    )
+    parser.add_argument(
+        "--anomaly-threshold",
+        type=float,
+        default=DEFAULT_ANOMALY.threshold,
+        help="a score above this (robust z; multivariate on the same z scale) marks a request "
+        f"anomalous (default {DEFAULT_ANOMALY.threshold})",
+    )
+    parser.add_argument(
+        "--anomaly-length-control",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_ANOMALY.length_control,
+        help="regress aggregates on log(token count) before scoring (default on)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -81,6 +118,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         listen = args.listen or os.environ.get("CIRCUITWATCH_LISTEN") or DEFAULT_LISTEN
         metrics_port = _metrics_port(args.metrics_port)
+        anomaly = (
+            AnomalyConfig(
+                warmup=args.anomaly_warmup,
+                window=args.anomaly_window,
+                threshold=args.anomaly_threshold,
+                length_control=args.anomaly_length_control,
+            )
+            if args.anomaly
+            else None
+        )
         tracer_provider = tracer_provider_from_config(args.otlp_endpoint)
         sidecar = Sidecar(
             spec,
@@ -91,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             max_requests=args.max_requests,
             join_timeout=args.tp_join_timeout,
+            anomaly=anomaly,
         )
     except ValueError as error:
         print(f"circuitwatch serve: {error}", file=sys.stderr)

@@ -22,6 +22,13 @@ series exist from a model's first batch, so the flagged share
 ``sum(rate(..{verdict="flagged"})) / sum(rate(..))`` is 0, not absent, while none is
 flagged (recorded as ``circuitwatch:verdicts_flagged:ratio_rate5m``).
 
+``circuitwatch_anomaly_score`` observes, per finished request past its model's warm-up,
+each anomaly detector's score (``detector``: a circuit's name or "multivariate"; see
+``sidecar.server.anomaly``): non-negative, z-scaled, buckets from 0.5 to 100 with the
+anomaly threshold added as a boundary. ``circuitwatch_anomalous_requests_total`` counts
+the requests whose score is above that threshold; its series exist from a model's first
+batch.
+
 ``circuitwatch_token_to_metric_seconds`` measures, per request, from the arrival of the
 request's first tokens to its record being observed: the longest any of its tokens waited
 before showing in a metric (scores reach metrics once per request, when it finishes).
@@ -36,11 +43,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sidecar.server.anomaly import MULTIVARIATE, AnomalyConfig
 from sidecar.server.records import FINISHED_BY_ENGINE, FINISHED_BY_IDLE, VERDICTS, RequestRecord
 from sidecar.spec.schema import PHASE_NAMES, AggregationKind, Circuit
 
 _MAGNITUDES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 DEFAULT_SCORE_BUCKETS = tuple(sorted({-m for m in _MAGNITUDES} | {0.0} | set(_MAGNITUDES)))
+ANOMALY_BUCKETS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 20.0, 50.0, 100.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 AGGREGATIONS = ("mean", "max")  # observed for every circuit, besides its configured kind
 OTHER = "other"
@@ -76,6 +85,7 @@ class _ModelSeries:
     # [phase][circuit] -> by verdict; empty where the circuit has no threshold for the phase
     verdicts: tuple[tuple[dict[str, Counter], ...], ...]
     requests: dict[str, Counter]  # by finished_by
+    anomaly: dict[str, tuple[Histogram, Counter]]  # by detector: score, anomalous requests
 
 
 class SidecarMetrics:
@@ -86,6 +96,7 @@ class SidecarMetrics:
         score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
         max_models: int = 16,
         max_drop_reasons: int = 32,
+        anomaly_threshold: float = AnomalyConfig.threshold,
     ) -> None:
         self.circuits = tuple(circuits)
         self.circuit_names = tuple(c.name for c in circuits)
@@ -150,6 +161,19 @@ class SidecarMetrics:
             "Finished requests by verdict: flagged when the phase's configured aggregate is "
             "above the circuit's verdict threshold, else clear.",
             ["circuit", "model_name", "phase", "verdict"],
+            registry=registry,
+        )
+        self.histogram_anomaly_score = Histogram(
+            "circuitwatch_anomaly_score",
+            "Per-request anomaly score against the model's recent requests, by detector.",
+            ["detector", "model_name"],
+            buckets=sorted(set(ANOMALY_BUCKETS) | {anomaly_threshold}),
+            registry=registry,
+        )
+        self.counter_anomalous_requests = Counter(
+            "circuitwatch_anomalous_requests_total",
+            "Finished requests whose anomaly score was above the anomaly threshold.",
+            ["detector", "model_name"],
             registry=registry,
         )
         self.gauge_live_requests = Gauge(
@@ -221,11 +245,18 @@ class SidecarMetrics:
                 by: self.counter_requests_scored.labels(model_name, by)
                 for by in (FINISHED_BY_ENGINE, FINISHED_BY_IDLE)
             },
+            anomaly={
+                detector: (
+                    self.histogram_anomaly_score.labels(detector, model_name),
+                    self.counter_anomalous_requests.labels(detector, model_name),
+                )
+                for detector in (*self.circuit_names, MULTIVARIATE)
+            },
         )
 
 
 class MetricsSink:
-    """Observes each finished request's aggregates and verdicts."""
+    """Observes each finished request's aggregates, verdicts and anomaly scores."""
 
     def __init__(self, metrics: SidecarMetrics) -> None:
         self.metrics = metrics
@@ -243,6 +274,11 @@ class MetricsSink:
                     child.observe(value)
                 if circuit.verdict is not None:
                     verdicts[circuit.verdict].inc()
+        for anomaly in record.anomaly:
+            score, anomalous = series.anomaly[anomaly.detector]
+            score.observe(anomaly.score)
+            if anomaly.anomalous:
+                anomalous.inc()
         series.requests[record.finished_by].inc()
         self.metrics.histogram_token_to_metric_seconds.labels(record.model_name).observe(
             time.monotonic() - record.first_received

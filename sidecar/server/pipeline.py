@@ -2,8 +2,9 @@
 
 ``Pipeline.ingest`` takes one validated ``TokenBatch`` (one rank, one or more engine steps):
 join tensor-parallel ranks -> drop non-finite rows -> score -> fold into per-request
-state -> count -> finish the requests the engine reported finished -> hand records to
-every sink. ``Pipeline.tick`` runs the periodic work: join timeouts and idle requests.
+state -> count -> finish the requests the engine reported finished -> score each record
+for anomalies (optional, ``sidecar.server.anomaly``) -> hand records to every sink.
+``Pipeline.tick`` runs the periodic work: join timeouts and idle requests.
 Both take ``now`` (``time.monotonic()``) from the caller, and neither does I/O, so the
 same object runs under the gRPC server, in a benchmark, or in a unit test.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from sidecar.protocol.batch import TokenBatch
+from sidecar.server.anomaly import AnomalyMonitor
 from sidecar.server.join import RankJoiner
 from sidecar.server.metrics import SidecarMetrics
 from sidecar.server.records import FINISHED_BY_ENGINE, RecordSink, RequestRecord
@@ -43,6 +46,7 @@ class Pipeline:
         max_requests: int = 10_000,
         keep_token_scores: int = 0,
         join_timeout: float = 5.0,
+        anomaly: AnomalyMonitor | None = None,
     ) -> None:
         self.scorer = scorer
         self.metrics = metrics
@@ -50,6 +54,7 @@ class Pipeline:
         self.idle_timeout = idle_timeout
         self.requests = RequestTable(scorer.circuits, max_requests, keep_token_scores)
         self.joiner = RankJoiner(join_timeout)
+        self.anomaly = anomaly
 
     def ingest(self, batch: TokenBatch, now: float) -> None:
         """Process one rank's batch; raises Rejected for a batch that cannot be used."""
@@ -109,6 +114,11 @@ class Pipeline:
 
     def _emit(self, records: list[RequestRecord]) -> None:
         for record in records:
+            if self.anomaly is not None:
+                try:
+                    record = replace(record, anomaly=self.anomaly.score(record))
+                except Exception:  # a failing detector must not cost the record
+                    logger.exception("anomaly scoring failed for %s", record.request_id)
             for sink in self.sinks:
                 try:
                     sink.emit(record)

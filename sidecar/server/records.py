@@ -58,6 +58,15 @@ class TokenScores:
 
 
 @dataclass(frozen=True)
+class AnomalyScore:
+    """One detector's verdict on a request (sidecar.server.anomaly)."""
+
+    detector: str  # a circuit's name, or "multivariate"
+    score: float  # robust z, or the multivariate distance on the z scale; >= 0
+    anomalous: bool  # score above the configured anomaly threshold
+
+
+@dataclass(frozen=True)
 class RequestRecord:
     request_id: str
     model_name: str
@@ -65,6 +74,7 @@ class RequestRecord:
     phases: tuple[PhaseStats, ...]  # only phases that had tokens, prompt first
     first_received: float  # time.monotonic() when the request's first tokens arrived
     tokens: TokenScores | None = None  # set when the sidecar keeps per-token scores
+    anomaly: tuple[AnomalyScore, ...] = ()  # empty without anomaly detection or in warm-up
 
     def phase(self, name: str) -> PhaseStats | None:
         for stats in self.phases:

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from sidecar import __version__
 from sidecar.protocol.batch import MAX_MESSAGE_BYTES
+from sidecar.server.anomaly import DEFAULT_ANOMALY, AnomalyConfig, AnomalyMonitor
 from sidecar.server.ingest import SERVICE_NAME, IngestService
 from sidecar.server.metrics import DEFAULT_SCORE_BUCKETS, MetricsSink, SidecarMetrics
 from sidecar.server.pipeline import Pipeline
@@ -58,15 +59,22 @@ class Sidecar:
         keep_token_scores: int = 0,
         join_timeout: float = 5.0,
         score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
+        anomaly: AnomalyConfig | None = DEFAULT_ANOMALY,
     ) -> None:
         """``listen``: ``unix:///path`` or ``host:port`` (port 0 picks a free one).
-        ``metrics_port``: None serves no /metrics endpoint, 0 picks a free port."""
+        ``metrics_port``: None serves no /metrics endpoint, 0 picks a free port.
+        ``anomaly``: None turns anomaly detection off."""
         self.spec = spec
         self.listen = listen
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = SidecarMetrics(self.registry, spec.circuits, score_buckets=score_buckets)
+        self.metrics = SidecarMetrics(
+            self.registry,
+            spec.circuits,
+            score_buckets=score_buckets,
+            anomaly_threshold=(anomaly or DEFAULT_ANOMALY).threshold,
+        )
         self.metrics.set_build_info(__version__, spec.hash, spec.model.hash, spec.model.name)
         all_sinks: list[RecordSink] = [MetricsSink(self.metrics)]
         if tracer_provider is not None:
@@ -81,6 +89,7 @@ class Sidecar:
             max_requests=max_requests,
             keep_token_scores=keep_token_scores,
             join_timeout=join_timeout,
+            anomaly=None if anomaly is None else AnomalyMonitor(spec.circuits, anomaly),
         )
         self.tick_interval = max(0.01, min(1.0, idle_timeout / 4, join_timeout / 4))
         self.address: str | None = None  # the bound ingest address, once started

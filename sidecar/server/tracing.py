@@ -7,7 +7,9 @@ vLLM's own spans), ``gen_ai.request.model``, ``circuitwatch.finished_by``,
 ``circuitwatch.tokens.<phase>``, ``circuitwatch.circuit.<name>.<phase>.mean|max``, the
 circuit's configured aggregate ``circuitwatch.circuit.<name>.<phase>.aggregate`` and,
 where the circuit has a verdict threshold for the phase,
-``circuitwatch.circuit.<name>.<phase>.verdict`` ("flagged" or "clear").
+``circuitwatch.circuit.<name>.<phase>.verdict`` ("flagged" or "clear"). With anomaly
+detection past its warm-up, per detector (a circuit's name or "multivariate"):
+``circuitwatch.anomaly.<detector>.score`` and ``circuitwatch.anomaly.<detector>.anomalous``.
 
 The TracerProvider is passed in; ``tracer_provider_from_config`` builds one that exports
 over OTLP only when an endpoint is configured (argument, then
@@ -38,7 +40,7 @@ class TracingSink:
     def emit(self, record: RequestRecord) -> None:
         end = time.time_ns()
         start = end - int((time.monotonic() - record.first_received) * 1e9)
-        attributes: dict[str, str | int | float] = {
+        attributes: dict[str, str | int | float | bool] = {
             "circuitwatch.request_id": record.request_id,
             "gen_ai.request.id": record.request_id,
             "gen_ai.request.model": record.model_name,
@@ -53,6 +55,9 @@ class TracingSink:
                 attributes[f"{prefix}.aggregate"] = stats.aggregate
                 if stats.verdict is not None:
                     attributes[f"{prefix}.verdict"] = stats.verdict
+        for anomaly in record.anomaly:
+            attributes[f"circuitwatch.anomaly.{anomaly.detector}.score"] = anomaly.score
+            attributes[f"circuitwatch.anomaly.{anomaly.detector}.anomalous"] = anomaly.anomalous
         span = self._tracer.start_span(
             SPAN_NAME, kind=SpanKind.INTERNAL, attributes=attributes, start_time=start
         )
