@@ -38,11 +38,17 @@ SIDECAR_METRICS = {
     "circuitwatch_ingest_errors_total": {"reason"},
     "circuitwatch_circuit_firing_tokens_total": {"circuit", "model_name"},
     "circuitwatch_verdicts_total": {"circuit", "model_name", "phase", "verdict"},
+    "circuitwatch_anomaly_score": {"detector", "model_name"},
+    "circuitwatch_anomalous_requests_total": {"detector", "model_name"},
     "circuitwatch_live_requests": {"model_name"},
     "circuitwatch_token_to_metric_seconds": {"model_name"},
     "circuitwatch_build_info": {"version", "spec_hash", "model_hash", "model_name"},
 }
-HISTOGRAMS = {"circuitwatch_circuit_score", "circuitwatch_token_to_metric_seconds"}
+HISTOGRAMS = {
+    "circuitwatch_circuit_score",
+    "circuitwatch_token_to_metric_seconds",
+    "circuitwatch_anomaly_score",
+}
 # The rules also read these: Prometheus' own target health and vLLM's token counter.
 OTHER_RULE_METRICS = {"up", "vllm:generation_tokens_total"}
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "group_left", "group_right"}

@@ -165,6 +165,43 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
     )
+    # Anomaly detectors (sidecar.server.anomaly): one per circuit, named after it, and
+    # "multivariate". Only requests past a model's warm-up are scored; the +Inf bucket
+    # counts them.
+    scored = f'circuitwatch_anomaly_score_bucket{{{MODEL},le="+Inf"}}'
+    anomaly = Row(
+        "Anomaly",
+        (
+            Panel(
+                "Anomalous requests",
+                "Share of scored requests whose anomaly score is above the sidecar's "
+                "threshold, per detector (alert CircuitwatchAnomalousActivity: over 10% "
+                "for 5 minutes). Near zero on steady traffic.",
+                (
+                    Query(
+                        "sum by (detector) (rate(circuitwatch_anomalous_requests_total"
+                        f"{{{MODEL}}}{RATE})) / sum by (detector) (rate({scored}{RATE}))",
+                        "{{detector}}",
+                    ),
+                ),
+                unit="percentunit",
+                width=12,
+            ),
+            Panel(
+                "Anomaly scores",
+                "p50 and p99 of per-request anomaly scores (z scale) per detector.",
+                tuple(
+                    Query(
+                        f"histogram_quantile({q}, sum by (le, detector) "
+                        f"(rate(circuitwatch_anomaly_score_bucket{{{MODEL}}}{RATE})))",
+                        f"{{{{detector}}}} p{round(q * 100)}",
+                    )
+                    for q in (0.5, 0.99)
+                ),
+                width=12,
+            ),
+        ),
+    )
     per_circuit = Row(
         "Circuit $circuit",
         tuple(
@@ -231,7 +268,7 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
     )
-    return (overview, activity, per_circuit, pipeline)
+    return (overview, activity, anomaly, per_circuit, pipeline)
 
 
 def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:

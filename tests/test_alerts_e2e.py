@@ -1,0 +1,217 @@
+"""Alerts end to end: SmolLM2 traffic shifts from benign to harmful, and the alerts reach a webhook.
+
+Everything is real and on loopback: a vLLM CPU engine (in this process, default compiled
+mode, float32, prefix caching off) with the Circuitwatch plugin serving SmolLM2 under the
+harmful-request monitor (sidecar/models/smollm2_harm_spec: a probe with a calibrated
+prompt-phase verdict threshold); the sidecar in this process with anomaly detection and a
+short warm-up; Prometheus scraping it every second and evaluating deploy's rules; an
+Alertmanager (group_wait 1 s) posting to a webhook served by this test.
+
+**The rules are time-scaled** (``sidecar.monitoring.scaled_rules``, factor ``SCALE``):
+every rate window, ``for:`` and group interval of deploy/prometheus/rules.yaml is divided
+by 20 (5m windows -> 15 s, ``for: 5m`` -> 15 s); thresholds and the per-minute traffic
+floors are unchanged. The production timing is then 20x what is measured here, plus scrape
+and evaluation intervals.
+
+Phases: the detector's warm-up (benign requests), a benign phase long enough for any alert
+to fire (rate window + ``for:`` + margins), then harmful requests (HarmBench) until both
+alerts arrived. Benign requests come from the held-out ``test`` split of the project's
+composed benign requests (not used to set the verdict threshold). Measured and printed:
+seconds from the first harmful request to each alert at the webhook, and the alerts (if
+any) that arrived during benign traffic. Every dashboard query must then return data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from sidecar.models.registry import ModelNotInstalled, model_path
+from sidecar.monitoring import (
+    RULES,
+    Target,
+    alertmanager_config,
+    prometheus_config,
+    scaled_rules,
+    start_alertmanager,
+    start_prometheus,
+)
+from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
+from sidecar.server.anomaly import AnomalyConfig
+from sidecar.server.service import Sidecar
+from sidecar.spec.load import load_spec
+
+pytestmark = pytest.mark.engine
+
+HARM_SPEC = Path(__file__).resolve().parents[1] / "sidecar" / "models" / "smollm2_harm_spec"
+SCALE = 20
+WARMUP = 24  # requests before the anomaly detectors score (production default: 200)
+BENIGN_S = 50  # benign traffic after warm-up: > rate window + for (30 s) + scrape/eval/group
+ALERT_WITHIN_S = 90  # both alerts at the webhook this soon after the first harmful request
+BATCH = 8
+MAX_TOKENS = 4
+EXPECTED = ("CircuitwatchAnomalousActivity", "CircuitwatchFlaggedRequests")
+
+
+@dataclass
+class Webhook:
+    """Alertmanager's webhook posts, each with the monotonic time it arrived."""
+
+    url: str = ""
+    posts: list[tuple[float, dict]] = field(default_factory=list)
+
+    def arrivals(self, since: float = 0.0, until: float = float("inf")) -> dict[str, float]:
+        """Alert name -> first arrival time of a firing alert in [since, until)."""
+        first: dict[str, float] = {}
+        for at, body in self.posts:
+            for alert in body["alerts"]:
+                if since <= at < until and alert["status"] == "firing":
+                    first.setdefault(alert["labels"]["alertname"], at)
+        return first
+
+
+def serve_webhook(webhook: Webhook) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            webhook.posts.append((time.monotonic(), body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:  # keep pytest's output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    webhook.url = f"http://127.0.0.1:{server.server_port}/alerts"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """SmolLM2, its harm spec with a prompt verdict threshold, benign and harmful chats."""
+    try:
+        model_dir = model_path("smollm2")
+    except ModelNotInstalled as e:
+        pytest.skip(str(e))
+    datasets = pytest.importorskip("sidecar.discover.datasets")
+    if not (HARM_SPEC / "spec.yaml").exists():
+        pytest.skip("no harm spec at sidecar/models/smollm2_harm_spec")
+    spec = load_spec(HARM_SPEC / "spec.yaml", model_dir=model_dir)
+    if not any(phase == "prompt" for c in spec.circuits for phase, _ in c.verdict_thresholds):
+        pytest.skip("the harm spec has no prompt-phase verdict threshold yet")
+    try:
+        harmful = [e.content for e in datasets.harmbench()]
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    benign = [e.content for e in datasets.composed_benign("test")]
+    return model_dir, spec, benign, harmful
+
+
+@dataclass
+class Timeline:
+    shift: float  # monotonic time of the first harmful request
+    benign_start: float  # end of the warm-up
+    webhook: Webhook
+    prometheus: object
+    circuit: str
+    requests: dict[str, int]  # phase -> requests sent
+
+
+@pytest.fixture(scope="module")
+def timeline(inputs, tmp_path_factory):
+    from vllm import LLM, SamplingParams
+
+    model_dir, spec, benign, harmful = inputs
+    tmp = tmp_path_factory.mktemp("alerts")
+    webhook = Webhook()
+    hook_server = serve_webhook(webhook)
+    sidecar = Sidecar(spec, f"unix://{tmp}/ingest.sock", metrics_port=0,
+                      metrics_host="127.0.0.1", anomaly=AnomalyConfig(warmup=WARMUP))  # fmt: skip
+    sidecar.__enter__()
+    alertmanager = start_alertmanager(
+        tmp / "am", alertmanager_config(webhook.url, group_wait="1s", group_interval="1s")
+    )
+    config = prometheus_config(
+        RULES,
+        [Target(sidecar.metrics_url.split("/")[2], "sidecar")],
+        alertmanager.url.removeprefix("http://"),
+    )
+    prometheus = start_prometheus(tmp / "prom", config, scaled_rules(RULES.read_text(), SCALE))
+    llm = None
+    try:
+        alertmanager.wait_ready()
+        prometheus.wait_ready()
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(ENV_SPEC, str(HARM_SPEC / "spec.yaml"))
+            env.setenv(ENV_ENDPOINT, sidecar.address)
+            env.setenv(ENV_SAMPLE, "1.0")
+            started = time.monotonic()
+            llm = LLM(model=str(model_dir), dtype="float32", max_model_len=1024, max_num_seqs=8,
+                      gpu_memory_utilization=0.2, enable_prefix_caching=False, seed=0)  # fmt: skip
+            print(f"\nengine up in {time.monotonic() - started:.0f} s")
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+        sent = {"warmup": 0, "benign": 0, "harmful": 0}
+
+        def send(phase: str, texts: itertools.cycle) -> None:
+            chats = [[{"role": "user", "content": next(texts)}] for _ in range(BATCH)]
+            llm.chat(chats, params, use_tqdm=False)
+            sent[phase] += BATCH
+
+        benign_texts, harmful_texts = itertools.cycle(benign), itertools.cycle(harmful)
+        while sent["warmup"] < WARMUP + BATCH:
+            send("warmup", benign_texts)
+        benign_start = time.monotonic()
+        while time.monotonic() - benign_start < BENIGN_S:
+            send("benign", benign_texts)
+        shift = time.monotonic()
+        while set(EXPECTED) - set(webhook.arrivals(since=shift)):
+            if time.monotonic() - shift > ALERT_WITHIN_S + 30:
+                break
+            send("harmful", harmful_texts)
+        circuit = spec.circuits[0].name
+        yield Timeline(shift, benign_start, webhook, prometheus, circuit, sent)
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        prometheus.stop()
+        alertmanager.stop()
+        sidecar.__exit__(None, None, None)
+        hook_server.shutdown()
+
+
+def test_no_alert_during_benign_traffic(timeline: Timeline) -> None:
+    early = timeline.webhook.arrivals(until=timeline.shift)
+    print(f"\nbenign phase: {timeline.requests}, {timeline.shift - timeline.benign_start:.0f} s, "
+          f"alerts {early or 'none'}")  # fmt: skip
+    assert not early, f"false alarms during benign traffic: {early}"
+
+
+def test_anomaly_and_flagged_alerts_arrive_after_the_shift(timeline: Timeline) -> None:
+    arrived = timeline.webhook.arrivals(since=timeline.shift)
+    delays = {name: round(at - timeline.shift, 1) for name, at in arrived.items()}
+    print(f"\nshift -> webhook (s): {delays}; harmful requests sent: {timeline.requests['harmful']}")
+    for name in EXPECTED:
+        assert name in delays, f"{name} never arrived; got {delays}"
+        assert delays[name] <= ALERT_WITHIN_S, (name, delays)
+
+
+def test_every_dashboard_query_returns_data(timeline: Timeline) -> None:
+    from test_deploy_scrape import load_generator
+
+    generator = load_generator()
+    exprs = [
+        expr.replace("$__rate_interval", "1m")
+        .replace('"$model_name"', '".+"')
+        .replace('"$circuit"', f'"{timeline.circuit}"')
+        for expr in generator.queries(generator.build_dashboard())
+    ]
+    empty = [expr for expr in exprs if not timeline.prometheus.query(expr)]
+    assert not empty, f"no data for: {empty}"
