@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "serve": ("sidecar.server.app", "run the sidecar: gRPC ingest, scoring, /metrics"),
     "demo": ("sidecar.demo", "engine + plugin + sidecar on the bundled default, live table"),
     "models": ("sidecar.models.registry", "install and locate real models (never committed)"),
+    "stack": ("sidecar.stack", "local engine + sidecar + Prometheus (rules) + Alertmanager"),
 }
 GROUPS = {
     "discover": (
