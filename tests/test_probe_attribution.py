@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from sidecar.probe.attribution import (
+    RequestIds,
     SamplePolicy,
+    StepIds,
     StepLayout,
     TokenRows,
     attribute,
@@ -62,6 +64,58 @@ def test_external_request_id_strips_the_engine_suffix(internal, external):
 
 def test_external_request_id_keeps_ids_when_vllm_does_not_randomize():
     assert external_request_id("user-1a2b3c4d", randomized=False) == "user-1a2b3c4d"
+
+
+def test_concurrent_requests_with_one_caller_id_are_exported_apart():
+    ids = RequestIds()
+    # Two requests the caller named "job" run together; a third, "other", alongside.
+    first = ids.step(["job-0000000a", "other-0000000c"], [])
+    second = ids.step(["job-0000000a", "job-0000000b", "other-0000000c"], [])
+    assert first.req_ids == ["job", "other"]
+    assert second.req_ids == ["job", "job-0000000b", "other"]  # the later one: its engine id
+    # Each keeps its name until it finishes, and finishes under it.
+    done = ids.step(["job-0000000b"], ["job-0000000a"])
+    assert done == StepIds(["job-0000000b"], ["job"])
+    assert ids.step([], ["job-0000000b"]).finished == ["job-0000000b"]
+    # "job" is free again: the next request of that name gets it.
+    assert ids.step(["job-0000000d"], []).req_ids == ["job"]
+
+
+def test_a_request_starting_as_its_namesake_finishes_is_not_read_as_it():
+    ids = RequestIds()
+    ids.step(["job-0000000a"], [])
+    step = ids.step(["job-0000000b"], ["job-0000000a"])
+    assert step.req_ids == ["job-0000000b"] and step.finished == ["job"]
+    assert ids.step(["job-0000000b"], []).req_ids == ["job-0000000b"]  # stable for its life
+
+
+def test_exported_ids_are_unique_among_live_requests_whatever_the_caller_ids():
+    ids = RequestIds()
+    # Callers naming requests after other requests' engine ids: the last one's caller id
+    # and its engine id are both taken.
+    engine_ids = ["q-0000000b-0000000c-0000000d", "q-0000000a", "q-0000000b", "q-0000000b-0000000c"]
+    names = ids.step(engine_ids, []).req_ids
+    assert names == ["q-0000000b-0000000c", "q", "q-0000000b", "q-0000000b-0000000c#2"]
+
+
+def test_a_finish_never_seen_running_does_not_finish_its_live_namesake():
+    ids = RequestIds()
+    ids.step(["job-0000000a"], [])
+    assert ids.step([], ["job-0000000f"]).finished == ["job-0000000f"]
+    assert ids.step([], ["solo-0000000f"]).finished == ["solo"]
+    assert ids.step(["job-0000000a"], []).req_ids == ["job"]
+
+
+def test_request_ids_keep_engine_ids_when_vllm_does_not_randomize():
+    ids = RequestIds(randomized=False)
+    assert ids.step(["u-1a2b3c4d", "v"], []).req_ids == ["u-1a2b3c4d", "v"]
+
+
+def test_live_requests_are_bounded():
+    ids = RequestIds(max_live=2)
+    ids.step(["a-0000000a", "b-0000000b"], [])
+    ids.step(["c-0000000c"], [])  # evicts "a", whose finish was never seen
+    assert ids.step(["a-0000000d"], []).req_ids == ["a"]
 
 
 def rows_of(phases: list[int]) -> TokenRows:

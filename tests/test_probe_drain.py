@@ -123,3 +123,15 @@ def test_discarded_steps_cannot_be_read():
     step.discard()
     with pytest.raises(AssertionError, match="after discard"):
         drain.resolve([step])
+
+
+def test_concurrent_requests_with_one_caller_id_stay_apart():
+    drain, taps, _ = make_drain()
+    steps = [
+        run_step(drain, taps, 1, [("job-0000000a", 2, [0, 1]), ("job-0000000b", 2, [0, 1])]),
+        run_step(drain, taps, 2, [("job-0000000b", 2, [2])], finished=["job-0000000a"]),
+    ]
+    batch = drain.resolve(steps)
+    assert batch.request_ids == ["job", "job-0000000b"]
+    assert batch.request_index.tolist() == [0, 0, 1, 1, 1]
+    assert batch.finished_request_ids == ["job"]

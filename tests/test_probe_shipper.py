@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from concurrent import futures
@@ -230,3 +231,10 @@ def test_a_sidecar_that_refuses_every_stream_is_not_hammered(socket_path, shippe
         assert shipper.stats().dropped[SIDECAR_UNAVAILABLE] > 0
     finally:
         server.stop(grace=None)
+
+
+def test_the_default_backoff_is_jittered_and_never_waits_past_half_a_second():
+    first, second = (list(itertools.islice(Backoff().delays(), 12)) for _ in range(2))
+    assert max(first + second) <= 0.5  # a restarted sidecar is met within a second
+    assert 0.04 <= first[0] <= 0.05 and first[-1] >= 0.4  # starts fast, grows to the cap
+    assert first != second  # ranks retrying together drift apart

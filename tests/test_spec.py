@@ -518,3 +518,46 @@ def test_read_model_shape(tiny_llama_dir: Path, tmp_path: Path) -> None:
     config["architectures"] = ["Qwen2ForCausalLM"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert read_model_shape(tmp_path).d_head == 64  # hidden_size / num_attention_heads
+
+
+def _spec_beside_directions(tmp_path: Path, file: str) -> Path:
+    """A spec in tmp_path/spec whose third component's direction file is ``file``; valid
+    direction files lie both in tmp_path (outside the spec's folder) and in tmp_path/spec."""
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    write_directions(tmp_path)
+    write_directions(folder)
+    doc = good_doc()
+    doc["components"][2]["direction"]["file"] = file
+    return write_spec(folder, doc)
+
+
+@pytest.mark.parametrize(
+    "file", ["../dirs.safetensors", "sub/../../dirs.safetensors", "{outside}/dirs.safetensors"]
+)
+def test_a_direction_file_outside_the_spec_folder_is_refused(tmp_path: Path, file: str) -> None:
+    path = _spec_beside_directions(tmp_path, file.format(outside=tmp_path))
+    error = refused(path)
+    assert error.field == "components[2].direction.file"
+    assert "outside the spec's folder" in error.problem
+
+
+def test_an_absolute_direction_file_is_refused_even_inside_the_folder(tmp_path: Path) -> None:
+    path = _spec_beside_directions(tmp_path, str(tmp_path / "spec" / "dirs.safetensors"))
+    assert refused(path).field == "components[2].direction.file"
+
+
+def test_a_symlink_out_of_the_spec_folder_is_refused(tmp_path: Path) -> None:
+    path = _spec_beside_directions(tmp_path, "linked.safetensors")
+    (path.parent / "linked.safetensors").symlink_to(tmp_path / "dirs.safetensors")
+    error = refused(path)
+    assert error.field == "components[2].direction.file"
+    assert "outside the spec's folder" in error.problem
+
+
+def test_direction_files_in_subfolders_and_symlinks_within_the_folder_load(tmp_path: Path) -> None:
+    path = _spec_beside_directions(tmp_path, "sub/linked.safetensors")
+    (path.parent / "sub").mkdir()
+    (path.parent / "sub" / "linked.safetensors").symlink_to(path.parent / "dirs.safetensors")
+    expected = load_file(path.parent / "dirs.safetensors")["resid"]
+    assert torch.equal(load_spec(path).components[2].direction, expected)

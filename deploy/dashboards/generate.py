@@ -166,9 +166,10 @@ def rows() -> tuple[Row, ...]:
         ),
     )
     # Anomaly detectors (sidecar.server.anomaly): one per circuit, named after it, and
-    # "multivariate". Only requests past a model's warm-up are scored; the +Inf bucket
-    # counts them.
-    scored = f'circuitwatch_anomaly_score_bucket{{{MODEL},le="+Inf"}}'
+    # "multivariate" (shown whichever circuits are picked). Only requests past a model's
+    # warm-up are scored; the +Inf bucket counts them.
+    detectors = f'{MODEL},detector=~"$circuit|multivariate"'
+    scored = f'circuitwatch_anomaly_score_bucket{{{detectors},le="+Inf"}}'
     anomaly = Row(
         "Anomaly",
         (
@@ -180,7 +181,7 @@ def rows() -> tuple[Row, ...]:
                 (
                     Query(
                         "sum by (detector) (rate(circuitwatch_anomalous_requests_total"
-                        f"{{{MODEL}}}{RATE})) / sum by (detector) (rate({scored}{RATE}))",
+                        f"{{{detectors}}}{RATE})) / sum by (detector) (rate({scored}{RATE}))",
                         "{{detector}}",
                     ),
                 ),
@@ -189,11 +190,12 @@ def rows() -> tuple[Row, ...]:
             ),
             Panel(
                 "Anomaly scores",
-                "p50 and p99 of per-request anomaly scores (z scale) per detector.",
+                "p50 and p99 of per-request anomaly scores (robust z scale) per detector; the "
+                "sidecar's --anomaly-threshold (default 4) marks a request anomalous.",
                 tuple(
                     Query(
                         f"histogram_quantile({q}, sum by (le, detector) "
-                        f"(rate(circuitwatch_anomaly_score_bucket{{{MODEL}}}{RATE})))",
+                        f"(rate(circuitwatch_anomaly_score_bucket{{{detectors}}}{RATE})))",
                         f"{{{{detector}}}} p{round(q * 100)}",
                     )
                     for q in (0.5, 0.99)

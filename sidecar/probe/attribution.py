@@ -12,7 +12,10 @@ Request ids: vLLM's front ends add ``-<8 hex>`` to the id a user gives (``LLM.ge
 ``RequestOutput.request_id``, the OpenAI server's request id) so that ids are unique inside
 the engine. ``external_request_id`` strips it: the probe ships the id the user sees. For the
 OpenAI server that is the response ``id`` for chat completions and ``<response id>-<prompt
-index>`` for completions.
+index>`` for completions. A caller may give the same id to concurrent requests (``LLM.generate``
+ids, the OpenAI server's ``X-Request-Id``): ``RequestIds`` keeps the engine id as the identity
+and exports the caller's id only while no other live request exports it, so such requests
+are never merged into one.
 
 Sampling (``SamplePolicy``, env ``CIRCUITWATCH_SAMPLE``), identical on every
 tensor-parallel rank because it reads only the step's metadata:
@@ -43,6 +46,62 @@ _ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 def external_request_id(internal: str, randomized: bool = True) -> str:
     """The id the user gave, from the engine's ``<id>-<8 hex>`` (unchanged if not randomized)."""
     return _ENGINE_SUFFIX.sub("", internal) if randomized else internal
+
+
+@dataclass(frozen=True)
+class StepIds:
+    """One step's request ids as exported: its requests' (in batch order) and its finished."""
+
+    req_ids: list[str]
+    finished: list[str]
+
+
+class RequestIds:
+    """The id each live engine request is exported under, unique among live requests.
+
+    A request is exported under its caller's id (``external_request_id``) unless another
+    live request already is, then under its full engine id (unique in the engine); the name
+    holds until the request finishes. Fed every step in engine order, as ``step`` is on
+    every tensor-parallel rank, it gives every rank the same names.
+    """
+
+    def __init__(self, randomized: bool = True, max_live: int = 65_536):
+        self._randomized = randomized
+        self._max_live = max_live  # a request whose finish was never seen must not leak
+        self._live: dict[str, str] = {}  # engine id -> exported id, oldest first
+        self._exported: set[str] = set()
+
+    def step(self, req_ids: list[str], finished: list[str]) -> StepIds:
+        """Names for a step's requests, then release its finished ones. A request that
+        starts in the step its namesake finishes in gets a new name: the sidecar must not
+        read its tokens as the finished one's."""
+        names = [self._name(r) for r in req_ids]
+        return StepIds(names, [self._release(r) for r in finished])
+
+    def _name(self, internal: str) -> str:
+        name = self._live.get(internal)
+        if name is not None:
+            return name
+        name = external_request_id(internal, self._randomized)
+        if name in self._exported:
+            name = internal
+        suffix = 1
+        while name in self._exported:  # a caller's id that equals another's engine id
+            suffix += 1
+            name = f"{internal}#{suffix}"
+        if len(self._live) >= self._max_live:
+            self._exported.discard(self._live.pop(next(iter(self._live))))
+        self._live[internal] = name
+        self._exported.add(name)
+        return name
+
+    def _release(self, internal: str) -> str:
+        name = self._live.pop(internal, None)
+        if name is None:  # never ran in a step seen here: not the live namesake's finish
+            name = external_request_id(internal, self._randomized)
+            return internal if name in self._exported else name
+        self._exported.discard(name)
+        return name
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,18 @@ rather than waiting. On a CPU the copies are plain copies.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sidecar.probe.attribution import SamplePolicy, StepLayout, attribute, external_request_id
+from sidecar.probe.attribution import RequestIds, SamplePolicy, StepLayout, attribute
 from sidecar.probe.ring import HostRing, Span
 from sidecar.probe.shipper import DropCounts
 from sidecar.probe.taps import TapSet
 from sidecar.protocol.batch import TokenBatch
 
 DRAIN_BACKLOG = "drain_backlog"
-
-# A request appears in every step it runs in: strip its engine suffix once, not every step.
-_external_request_id = functools.lru_cache(maxsize=8192)(external_request_id)
 
 
 @dataclass(frozen=True)
@@ -60,9 +56,12 @@ class Drain:
         self._cuda = taps.positions.positions.device.type == "cuda"
         widths = [tap.values.shape[1] for tap in taps.taps]
         self.ring = HostRing(widths, ring_rows, pin=self._cuda)
+        self.request_ids = RequestIds(identity.randomized_ids)
 
     def collect(self, step: int, layout: StepLayout, finished: list[str]) -> PendingStep | None:
         """Start copying this step's rows out; None (and counted) if the ring is full."""
+        # Named here, every step, before any drop: every rank names requests alike.
+        ids = self.request_ids.step(layout.req_ids, finished)
         n = layout.num_tokens
         span = self.ring.take(n)
         if span is None:
@@ -76,7 +75,7 @@ class Drain:
         if self._cuda:
             event = torch.cuda.Event()
             event.record()
-        return PendingStep(self.ring, span, event, step, layout, finished)
+        return PendingStep(self.ring, span, event, step, layout, ids.req_ids, ids.finished)
 
     def resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
         """One ``TokenBatch`` of ``steps`` (in order), or None when none has anything to send.
@@ -102,7 +101,7 @@ class Drain:
         finally:
             for pending in steps:
                 pending.discard()
-        finished = [[self._external(r) for r in p.finished] for p in steps]
+        finished = [p.finished for p in steps]
         step_of_row = np.repeat(np.arange(len(steps)), sizes)
         step_tokens = np.bincount(step_of_row[keep], minlength=len(steps))
         listed = [i for i in range(len(steps)) if step_tokens[i] or finished[i]]
@@ -113,7 +112,7 @@ class Drain:
         # requests are numbered in order of first appearance.
         numbers: dict[str, int] = {}
         request_of_slot = np.array(
-            [numbers.setdefault(self._external(r), len(numbers)) for r in slots.req_ids],
+            [numbers.setdefault(name, len(numbers)) for p in steps for name in p.names],
             dtype=np.int64,
         )
         present, request_index = np.unique(request_of_slot[rows.request_index], return_inverse=True)
@@ -138,9 +137,6 @@ class Drain:
             step_finished=tuple(len(finished[i]) for i in listed),
         )
 
-    def _external(self, internal: str) -> str:
-        return _external_request_id(internal, self.identity.randomized_ids)
-
 
 class PendingStep:
     """One step's rows in the ring, until ``Drain.resolve`` (shipper thread) takes them."""
@@ -152,13 +148,16 @@ class PendingStep:
         event: torch.cuda.Event | None,
         step: int,
         layout: StepLayout,
+        names: list[str],
         finished: list[str],
     ):
+        """``names``: the exported ids of ``layout.req_ids``; ``finished``: exported ids."""
         self._ring = ring
         self._span: Span | None = span
         self._event = event
         self.step = step
         self.layout = layout
+        self.names = names
         self.finished = finished
         self.tokens = len(span)  # what a drop of this step loses
 

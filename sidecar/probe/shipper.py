@@ -8,10 +8,22 @@ returns (when the deque is full the oldest step is dropped and its tokens counte
 per-message costs (building, sending, decoding, scoring) once for many steps, and wakes
 this thread once per message rather than once per step. When the sidecar is unreachable or
 the stream breaks, the steps waiting are dropped and their tokens counted
-(``sidecar_unavailable``) and the thread reconnects with exponential backoff (0.1 s
-doubling to 5 s; only a stream that lasted resets it), so the sidecar can start, stop and
-restart under a running engine. Every message carries the cumulative drop counts by reason
-(``dropped_total``), in tokens, which is what ``circuitwatch_samples_dropped_total`` counts.
+(``sidecar_unavailable``) and the thread reconnects (after a stream ended, with a jittered
+exponential backoff of 0.05 s doubling to 0.5 s that only a stream that lasted resets), so
+the sidecar can start, stop and restart under a running engine and batches flow again
+within a second of it accepting connections, however long it was away (measured in
+tests/test_reconnect.py). Every message carries the cumulative drop
+counts by reason (``dropped_total``), in tokens, which is what
+``circuitwatch_samples_dropped_total`` counts.
+
+gRPC keeps its own reconnect backoff inside a channel (1 s growing to 120 s by default) and
+shares subchannels, and their backoff, between channels to the same address: a fresh
+channel after a long outage would wait out that backoff. ``CHANNEL_OPTIONS`` give each
+channel its own subchannel and a connect backoff capped at 0.25 s, which paces the attempts
+while the sidecar is away (so a connect that times out is retried at once, with a new
+channel), and keepalive pings so that a sidecar that stops answering (SIGSTOP, a hung host)
+ends the stream within seconds instead of leaving it blocked on flow control; the sidecar
+permits those pings (see service.py).
 
 The items queued are any ``Shippable``; the ``resolve`` function given to the shipper turns
 a group of them into one batch on the shipper thread, so waiting for a device copy and
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -78,15 +91,35 @@ class ShipperStats:
     streams: int  # streams opened so far (1 + reconnects)
 
 
+KEEPALIVE_TIME_MS = 1000  # a ping after this long without a frame from the sidecar
+KEEPALIVE_TIMEOUT_MS = 1000  # no answer to it: the connection is dead
+CHANNEL_OPTIONS = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 250),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC 1.6x times a keepalive ping out after this one (default 60 s), not the above.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # Keep pinging while flow control holds our data back: that is when a stopped sidecar
+    # must be noticed.
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
 @dataclass(frozen=True)
 class Backoff:
-    initial_s: float = 0.1
-    max_s: float = 5.0
+    initial_s: float = 0.05
+    max_s: float = 0.5
+    jitter: float = 0.2  # each delay is scaled by a random factor in [1 - jitter, 1]
 
     def delays(self):
+        """Jittered so that the ranks of a tensor-parallel engine do not retry in lockstep;
+        never above ``max_s``."""
         delay = self.initial_s
         while True:
-            yield delay
+            yield delay * random.uniform(1 - self.jitter, 1)
             delay = min(delay * 2, self.max_s)
 
 
@@ -176,7 +209,7 @@ class Shipper:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if self._closed and not self._queue:
                     return
-            channel = grpc.insecure_channel(self.endpoint)
+            channel = grpc.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
             try:
                 grpc.channel_ready_future(channel).result(timeout=self._connect_timeout_s)
             except grpc.FutureTimeoutError:
@@ -184,8 +217,7 @@ class Shipper:
                 self._drop_queued()
                 if self._closed:
                     return
-                self._sleep(next(delays))
-                continue
+                continue  # the channel's own backoff paced the attempts
             started = time.monotonic()
             self._stream(channel)
             channel.close()

@@ -137,7 +137,7 @@ def chi_square_to_z(distance2: float, dof: int) -> float:
 
 
 @dataclass(frozen=True)
-class _Fit:
+class BaselineFit:
     """A baseline fitted on the window; NaN in a dimension's entries where it is not scored."""
 
     intercept: np.ndarray  # [d]
@@ -162,7 +162,7 @@ def _line(log_tokens: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     return float(coef[0]), float(coef[1])
 
 
-def fit_baseline(values: np.ndarray, log_tokens: np.ndarray, length_control: bool) -> _Fit:
+def fit_baseline(values: np.ndarray, log_tokens: np.ndarray, length_control: bool) -> BaselineFit:
     """Fit every dimension of ``values`` [n, d] (NaN: phase absent) given its log token counts."""
     d = values.shape[1]
     intercept, slope = np.zeros(d), np.zeros(d)
@@ -182,7 +182,7 @@ def fit_baseline(values: np.ndarray, log_tokens: np.ndarray, length_control: boo
     covariance = None
     if covered.any() and complete.sum() >= MIN_FIT:
         covariance = shrunk_covariance(standardised[np.ix_(complete, covered)])[0]
-    return _Fit(intercept, slope, centre, scale, covered, covariance)
+    return BaselineFit(intercept, slope, centre, scale, covered, covariance)
 
 
 class _Baseline:
@@ -195,7 +195,7 @@ class _Baseline:
         self._size = 0
         self._next = 0
         self._since_fit = 0
-        self._fit: _Fit | None = None
+        self._fit: BaselineFit | None = None
 
     def observe(self, x: np.ndarray, log_tokens: np.ndarray) -> tuple[np.ndarray, float] | None:
         """Score ``x`` [d] (per-dimension z, NaN where not scored; multivariate z, NaN when
@@ -209,7 +209,9 @@ class _Baseline:
             self._admit(x, log_tokens)
         return scores
 
-    def _score(self, fit: _Fit, x: np.ndarray, log_tokens: np.ndarray) -> tuple[np.ndarray, float]:
+    def _score(
+        self, fit: BaselineFit, x: np.ndarray, log_tokens: np.ndarray
+    ) -> tuple[np.ndarray, float]:
         u = (x - fit.intercept - fit.slope * log_tokens - fit.centre) / fit.scale
         if fit.covariance is None:
             return np.abs(u), float("nan")

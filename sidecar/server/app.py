@@ -6,6 +6,12 @@ Configuration order: command-line option, then environment variable, then defaul
     --metrics-port  CIRCUITWATCH_METRICS_PORT   9464
     --otlp-endpoint OTEL_EXPORTER_OTLP_ENDPOINT (no trace export when unset)
 
+A Unix socket is mode 0600, or 0660 in the group given with ``--socket-group``. The process
+creates no other file, so its umask is set to that mode's complement before anything is
+bound: the socket is never, even for the moment between bind and chmod, open to others.
+(A umask set and restored around the bind would race with other threads' files; that is
+why ``Sidecar`` itself only chmods, before it starts accepting.)
+
 Anomaly detection (sidecar.server.anomaly) is on by default: ``--no-anomaly`` turns it
 off; ``--anomaly-warmup``, ``--anomaly-window``, ``--anomaly-threshold`` and
 ``--no-anomaly-length-control`` tune it.
@@ -46,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"/metrics port (env CIRCUITWATCH_METRICS_PORT, default {DEFAULT_METRICS_PORT})",
     )
     parser.add_argument("--metrics-host", default="0.0.0.0", help="/metrics bind address")
+    parser.add_argument(
+        "--socket-group",
+        help="let this group connect to the Unix socket (mode 0660; default 0600, owner only)",
+    )
     parser.add_argument("--model-dir", help="check the spec against this model directory")
     parser.add_argument(
         "--idle-timeout",
@@ -138,11 +148,13 @@ def run(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             max_requests=args.max_requests,
             join_timeout=args.tp_join_timeout,
+            socket_group=args.socket_group,
             anomaly=anomaly,
         )
     except ValueError as error:
         print(f"circuitwatch serve: {error}", file=sys.stderr)
         return 2
+    os.umask(0o177 if args.socket_group is None else 0o117)
     try:
         asyncio.run(_serve(sidecar))
     except (RuntimeError, OSError) as error:

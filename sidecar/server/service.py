@@ -10,12 +10,18 @@ background thread with its own loop::
     with Sidecar(spec, "unix:///tmp/cw.sock", metrics_port=0, sinks=[sink]) as sidecar:
         ...  # stream batches to sidecar.address
         records = sink.wait_for(3, timeout=5)
+
+A Unix socket is made private right after it is bound, before the server accepts anything:
+mode 0600, or 0660 owned by ``socket_group``. Whoever can connect can feed the sidecar
+activations and so its metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +45,15 @@ from sidecar.spec.schema import CircuitSpec
 
 logger = logging.getLogger(__name__)
 
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # The probes ping every second (see shipper.py) to notice a stopped sidecar; by default
+    # a server allows one ping per 5 minutes on a stream it sends no data on, and closes the
+    # connection (too_many_pings) after two more.
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -59,13 +74,23 @@ class Sidecar:
         keep_token_scores: int = 0,
         join_timeout: float = 5.0,
         score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
+        socket_group: str | None = None,
         anomaly: AnomalyConfig | None = DEFAULT_ANOMALY,
     ) -> None:
         """``listen``: ``unix:///path`` or ``host:port`` (port 0 picks a free one).
         ``metrics_port``: None serves no /metrics endpoint, 0 picks a free port.
-        ``anomaly``: None turns anomaly detection off."""
+        ``socket_group``: a Unix socket is mode 0600 (only this user may connect); with a
+        group it belongs to that group and is mode 0660. Raises ValueError for an unknown
+        group. ``anomaly``: None turns anomaly detection off."""
         self.spec = spec
         self.listen = listen
+        self.socket_path = unix_socket_path(listen)
+        self.socket_gid: int | None = None
+        if socket_group is not None:
+            try:
+                self.socket_gid = grp.getgrnam(socket_group).gr_gid
+            except KeyError:
+                raise ValueError(f"socket group {socket_group!r} does not exist") from None
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -108,12 +133,14 @@ class Sidecar:
         self._health = health_aio.HealthServicer()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
-        self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        )
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
         self._server.add_generic_rpc_handlers((self._ingest.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        port = self._server.add_insecure_port(self.listen)
+        port = self._server.add_insecure_port(self.listen)  # binds (and replaces a stale file)
+        if self.socket_path is not None:
+            # Before start(): nothing is accepted while the mode is still the umask's (the
+            # CLI's umask keeps even that moment private, see app.py).
+            self._restrict_socket(self.socket_path)
         self.address = (
             self.listen
             if self.listen.startswith("unix:")
@@ -129,6 +156,11 @@ class Sidecar:
         self._ticker = asyncio.create_task(self._tick_forever())
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _SERVING)
+
+    def _restrict_socket(self, path: str) -> None:
+        if self.socket_gid is not None:
+            os.chown(path, -1, self.socket_gid)
+        os.chmod(path, 0o600 if self.socket_gid is None else 0o660)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let open streams finish for ``grace`` seconds, then stop."""
@@ -186,3 +218,11 @@ class Sidecar:
                 self.pipeline.tick(time.monotonic())
             except Exception:  # keep ticking: idle requests must still be closed later
                 logger.exception("periodic tick failed")
+
+
+def unix_socket_path(listen: str) -> str | None:
+    """The file of a ``unix:path`` or ``unix:///abs/path`` address; None for any other."""
+    if not listen.startswith("unix:"):
+        return None
+    path = listen.removeprefix("unix:")
+    return "/" + path.lstrip("/") if path.startswith("//") else path

@@ -313,6 +313,14 @@ class _DirectionFiles:
             raise fields.error(
                 f"{field}.file", f"{name}: not a .safetensors file (tensors never load from pickle)"
             )
+        # A spec is a folder that travels whole: it reads nothing from outside it (no
+        # absolute path, no '..', no symlink out), so loading one cannot read other files.
+        folder = fields.file.parent.resolve()
+        if Path(name).is_absolute() or not path.resolve().is_relative_to(folder):
+            raise fields.error(
+                f"{field}.file",
+                f"{name}: outside the spec's folder {folder} (give a path inside it)",
+            )
         if not path.is_file():
             raise fields.error(f"{field}.file", f"{name}: file not found (looked at {path})")
         try:
