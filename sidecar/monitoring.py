@@ -171,6 +171,12 @@ class Prometheus(Server):
         answer = self.get("/api/v1/query", query=expr)
         return [] if answer is None else answer["data"]["result"]
 
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        """``expr`` from ``start`` to ``end`` (Unix seconds), every ``step`` seconds."""
+        answer = self.get("/api/v1/query_range", query=expr, start=str(start), end=str(end),
+                          step=str(step))  # fmt: skip
+        return [] if answer is None else answer["data"]["result"]
+
     def firing(self) -> list[dict]:
         """Alerts in state firing, as /api/v1/alerts lists them."""
         answer = self.get("/api/v1/alerts")
