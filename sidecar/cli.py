@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "serve": ("sidecar.server.app", "run the sidecar: gRPC ingest, scoring, /metrics"),
     "demo": ("sidecar.demo", "engine + plugin + sidecar on the bundled default, live table"),
     "models": ("sidecar.models.registry", "install and locate real models (never committed)"),
+    "probe-train": ("sidecar.discover.probe_train", "train linear behaviour probes; write a spec"),
+    "calibrate": ("sidecar.discover.calibrate", "set verdict thresholds at a target FPR"),
     "stack": ("sidecar.stack", "local engine + sidecar + Prometheus (rules) + Alertmanager"),
 }
 GROUPS = {

@@ -170,14 +170,14 @@ def _component_value(component, acts, layers) -> torch.Tensor:
     }[site.kind]
     x = acts[f"{key}{site.layer}"][0].double()  # [T, width]
     if component.kind is ComponentKind.DIRECTION:
-        return (x @ component.direction.double() + component.bias).float()
+        return (x @ torch.from_numpy(component.direction).double() + component.bias).float()
     w_o = layers[site.layer].self_attn.o_proj.weight.double()  # [d_model, n_heads * d_head]
     d_head = layers[site.layer].self_attn.head_dim
     cols = slice(component.head * d_head, (component.head + 1) * d_head)
     contribution = x[:, cols] @ w_o[:, cols].T
     if component.direction is None:
         return contribution.norm(dim=-1).float()
-    return (contribution @ component.direction.double() + component.bias).float()
+    return (contribution @ torch.from_numpy(component.direction).double() + component.bias).float()
 
 
 def engine_env(monkeypatch, spec_path: Path, socket_path: Path, sample: str = "1.0") -> None:

@@ -3,11 +3,13 @@
 promtool comes from Debian's `prometheus` package. Chart rendering uses helm-python-sdk
 (Helm's own Go engine, no cluster needed) and, where installed, kubernetes-validate
 checks the rendered objects against Kubernetes' strict schemas; without them only the
-chart's static checks run.
+chart's static checks run. The Prometheus Operator objects are checked against the
+operator's own CRD schemas (tests/data/crds, vendored) with jsonschema.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import re
 import shutil
@@ -26,6 +28,7 @@ DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "circuitwatch"
 RULES = CHART / "files" / "rules.yaml"
 RULES_TEST = DEPLOY / "prometheus" / "rules_test.yaml"
+CRDS = ROOT / "tests" / "data" / "crds"
 HEALTHCHECK = CHART / "files" / "healthcheck.py"
 
 # What the sidecar exports: metric name -> its labels (histograms by their base name).
@@ -395,3 +398,77 @@ def test_rendered_objects_match_the_kubernetes_schema(helm) -> None:
     objects = render(helm, {**ALL_ON, "sidecar": {"probes": {"readiness": {"enabled": True}}}})
     for kind in ("ConfigMap", "Deployment", "Service"):
         validate.validate(objects[kind], "1.29.0", strict=True)  # the chart's kubeVersion floor
+
+
+# ---------------------------------------------------------------- chart: Prometheus Operator CRDs
+
+OPERATOR_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+
+
+def strict(schema: dict) -> dict:
+    """``schema`` with unknown fields refused wherever the CRD lists an object's fields, as the
+    API server's strict field validation does (it would otherwise prune them silently)."""
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {name: strict(s) for name, s in out["properties"].items()}
+        open_ended = out.get("x-kubernetes-preserve-unknown-fields", False)
+        if "additionalProperties" not in out and not open_ended:
+            out["additionalProperties"] = False
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = strict(out[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [strict(s) for s in out[key]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd_validators() -> dict:
+    """apiVersion + kind -> a validator of the CRD's openAPIV3Schema (OpenAPI 3.0 ~ draft 4)."""
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema missing (dev extra)")
+    validators = {}
+    for path in sorted(CRDS.glob("monitoring.coreos.com_*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            if version["served"]:
+                key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
+                schema = strict(version["schema"]["openAPIV3Schema"])
+                validators[key] = jsonschema.Draft4Validator(schema)
+    assert {kind for _, kind in validators} == set(OPERATOR_KINDS)
+    return validators
+
+
+def crd_errors(validators: dict, obj: dict) -> list[str]:
+    validator = validators[(obj["apiVersion"], obj["kind"])]
+    errors = validator.iter_errors(obj)
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+def test_operator_objects_match_the_operators_crd_schemas(helm, crd_validators) -> None:
+    values = {
+        **ALL_ON,
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        "monitoring": {
+            kind: {"enabled": True, "labels": {"release": "prometheus"}, "interval": "15s",
+                   "scrapeTimeout": "5s"}
+            for kind in ("serviceMonitor", "podMonitor")
+        },
+    }  # fmt: skip
+    objects = render(helm, values)
+    for kind in OPERATOR_KINDS:
+        assert crd_errors(crd_validators, objects[kind]) == [], kind
+
+
+def test_crd_check_refuses_unknown_fields_and_bad_values(helm, crd_validators) -> None:
+    monitor = render(helm, ALL_ON)["ServiceMonitor"]
+    typo = copy.deepcopy(monitor)
+    typo["spec"]["endpoints"][0]["scrapeTimout"] = "5s"
+    assert any("scrapeTimout" in e for e in crd_errors(crd_validators, typo))
+    bad_interval = copy.deepcopy(monitor)
+    bad_interval["spec"]["endpoints"][0]["interval"] = "30 seconds"
+    errors = crd_errors(crd_validators, bad_interval)
+    assert any(e.startswith("spec.endpoints.0.interval") for e in errors)
+    rule = copy.deepcopy(render(helm, ALL_ON)["PrometheusRule"])
+    del rule["spec"]["groups"][0]["name"]
+    assert any("'name' is a required property" in e for e in crd_errors(crd_validators, rule))

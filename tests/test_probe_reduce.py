@@ -15,11 +15,13 @@ RESID_SITE = Site.parse("blocks.0.hook_resid_post")
 
 
 def head(name: str, h: int, direction: torch.Tensor | None = None, bias: float = 0.0):
-    return Component(name, ComponentKind.HEAD, Z_SITE, h, direction, bias)
+    # Specs hold directions as float32 numpy arrays (load.py), so the tests' components do too.
+    u = None if direction is None else direction.numpy()
+    return Component(name, ComponentKind.HEAD, Z_SITE, h, u, bias)
 
 
 def direction(name: str, site: Site, w: torch.Tensor, bias: float = 0.0):
-    return Component(name, ComponentKind.DIRECTION, site, None, w, bias)
+    return Component(name, ComponentKind.DIRECTION, site, None, w.numpy(), bias)
 
 
 @pytest.fixture
@@ -49,12 +51,12 @@ def full_z_shard(w_o: torch.Tensor) -> SiteShard:
 def by_hand(component: Component, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
     """The shared semantics, written out: c = z_h @ W_O_h^T, then ||c|| or c.u + b."""
     if component.kind is ComponentKind.DIRECTION:
-        return z @ component.direction + component.bias
+        return z @ torch.from_numpy(component.direction) + component.bias
     cols = slice(component.head * D_HEAD, (component.head + 1) * D_HEAD)
     c = z[:, cols] @ w_o[:, cols].T
     if component.direction is None:
         return c.norm(dim=-1)
-    return c @ component.direction + component.bias
+    return c @ torch.from_numpy(component.direction) + component.bias
 
 
 def test_every_kind_on_hook_z_matches_by_hand(tensors):

@@ -58,10 +58,19 @@ def test_head_and_direction_values_by_hand() -> None:
     head0 = Component("h0", ComponentKind.HEAD, site, head=0)
     head1 = Component("h1", ComponentKind.HEAD, site, head=1)
     head1_read = Component(
-        "h1u", ComponentKind.HEAD, site, head=1, direction=torch.tensor([1.0, 0.0, 0.0]), bias=0.5
+        "h1u",
+        ComponentKind.HEAD,
+        site,
+        head=1,
+        direction=np.array([1.0, 0.0, 0.0], np.float32),
+        bias=0.5,
     )
     flat = Component(
-        "z", ComponentKind.DIRECTION, site, direction=torch.tensor([0.5, 0.0, 0.0, -1.0]), bias=0.25
+        "z",
+        ComponentKind.DIRECTION,
+        site,
+        direction=np.array([0.5, 0.0, 0.0, -1.0], np.float32),
+        bias=0.25,
     )
     # head 0: c = [2*1, 0, 1*2] -> ||c|| = sqrt(8); head 1: c = [3, 4, 0] -> ||c|| = 5
     assert component_value(head0, z, w_o, d_head=2).item() == pytest.approx(math.sqrt(8))
@@ -311,7 +320,7 @@ def test_positions_and_phases_of_a_request(scorer: ReferenceScorer) -> None:
 def test_circuit_scores_are_the_spec_linear_map(scorer: ReferenceScorer) -> None:
     scored = scorer.score(PROMPT_IDS, [5, 6, 7])
     weights, bias = scorer.spec.weight_matrix()
-    expected = scored.values.astype(np.float64) @ weights.numpy().T + bias.numpy()
+    expected = scored.values.astype(np.float64) @ weights.T + bias
     np.testing.assert_allclose(scored.scores, expected, rtol=1e-5, atol=1e-5)
     assert np.all(scored.values[:, 0] > 0)  # a head norm
 
@@ -323,7 +332,7 @@ def test_direction_values_read_their_sites(scorer: ReferenceScorer) -> None:
     for i, component in enumerate(spec.components):
         if component.kind is ComponentKind.DIRECTION:
             x = got[component.site].double().numpy()
-            expected = x @ component.direction.double().numpy() + component.bias
+            expected = x @ component.direction.astype(np.float64) + component.bias
             np.testing.assert_allclose(scored.values[:, i], expected, rtol=1e-5, atol=1e-5)
 
 

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -72,6 +73,8 @@ def write_directions(folder: Path, seed: int = 0) -> None:
             "ints": torch.arange(128),
             "with_nan": torch.full((128,), float("nan")),
             "half": torch.randn(128, generator=gen).half(),
+            "bf16": torch.randn(128, generator=gen).bfloat16(),
+            "double": torch.randn(128, generator=gen).double(),
         },
         folder / "dirs.safetensors",
     )
@@ -106,9 +109,10 @@ def test_good_spec_loads(spec_dir: Path) -> None:
     head, head_dir, probe, neurons = spec.components
     assert head.kind is ComponentKind.HEAD and head.head == 0 and head.direction is None
     assert head.site == Site(1, SiteKind.ATTN_Z)
-    assert head_dir.bias == 0.5 and head_dir.direction.dtype == torch.float32
-    expected = load_file(spec_dir / "dirs.safetensors")["resid"]
-    assert probe.kind is ComponentKind.DIRECTION and torch.equal(probe.direction, expected)
+    assert head_dir.bias == 0.5 and head_dir.direction.dtype == np.float32
+    expected = load_file(spec_dir / "dirs.safetensors")["resid"].numpy()
+    assert probe.kind is ComponentKind.DIRECTION and isinstance(probe.direction, np.ndarray)
+    np.testing.assert_array_equal(probe.direction, expected)
     assert probe.bias == -0.3 and neurons.direction.shape == (256,) and neurons.bias == 0.0
     assert spec.sites == (
         Site(1, SiteKind.ATTN_Z),
@@ -120,16 +124,21 @@ def test_good_spec_loads(spec_dir: Path) -> None:
     assert induction.threshold == 2.0 and induction.description.startswith("previous")
     assert mlp_only.weights == (0.0, 0.0, 0.0, -1.0) and mlp_only.threshold is None
     weights, bias = spec.weight_matrix()
+    assert weights.dtype == bias.dtype == np.float32
     assert weights.shape == (2, 4) and bias.tolist() == [0.25, 0.0]
     assert spec.model.name == "tiny-llama" and spec.model.hash == FAKE_HASH
     assert spec.hash.startswith("sha256:") and len(spec.hash) == 7 + 64
 
 
-def test_half_precision_direction_becomes_float32(spec_dir: Path) -> None:
+@pytest.mark.parametrize("stored", ["half", "bf16", "double"])
+def test_other_float_directions_become_float32_as_torch_rounds(spec_dir: Path, stored: str) -> None:
+    # numpy has no bfloat16 (load.py widens its bits); float64 rounds to nearest like torch.
     doc = good_doc()
-    doc["components"][2]["direction"]["tensor"] = "half"
+    doc["components"][2]["direction"]["tensor"] = stored
     spec = load_spec(write_spec(spec_dir, doc))
-    assert spec.components[2].direction.dtype == torch.float32
+    expected = load_file(spec_dir / "dirs.safetensors")[stored].to(torch.float32).numpy()
+    assert spec.components[2].direction.dtype == np.float32
+    np.testing.assert_array_equal(spec.components[2].direction, expected)
 
 
 def test_spec_hash_covers_spec_and_direction_files(spec_dir: Path) -> None:
@@ -255,7 +264,7 @@ BAD_SPECS = [
     ("direction-not-1d", _set(("components", 2, "direction", "tensor"), "matrix"),
      "components[2].direction.tensor", "shape [4, 128], expected 1-D"),
     ("direction-int-dtype", _set(("components", 2, "direction", "tensor"), "ints"),
-     "components[2].direction.tensor", "dtype torch.int64, expected a float dtype"),
+     "components[2].direction.tensor", "dtype I64, expected a float dtype"),
     ("direction-non-finite", _set(("components", 2, "direction", "tensor"), "with_nan"),
      "components[2].direction.tensor", "non-finite"),
     ("direction-unknown-key", _set(("components", 2, "direction", "dtype"), "f32"),

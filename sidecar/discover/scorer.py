@@ -90,8 +90,8 @@ def component_value(
         contribution = x[:, columns] @ o_proj_weight.double()[:, columns].T  # [T, d_model]
         if component.direction is None:
             return contribution.norm(dim=-1)
-        return contribution @ component.direction.double() + component.bias
-    return x @ component.direction.double() + component.bias
+        return contribution @ torch.from_numpy(component.direction).double() + component.bias
+    return x @ torch.from_numpy(component.direction).double() + component.bias
 
 
 class ReferenceScorer:

@@ -83,9 +83,9 @@ class SiteReducer(nn.Module):
                     linear.append((index, _head_row(component, local, shard), component.bias))
             elif shard.replicated:
                 if rank == 0:
-                    linear.append((index, component.direction, component.bias))
+                    linear.append((index, _direction(component), component.bias))
             else:
-                row = component.direction[shard.columns]
+                row = _direction(component)[shard.columns]
                 (partial if all_reduce is not None else linear).append((index, row, component.bias))
         self.all_reduce = all_reduce
         self.register_buffer("weight", _rows([r for _, r, _ in linear], shard.width), False)
@@ -129,8 +129,15 @@ def _head_row(component: Component, local: int, shard: SiteShard) -> torch.Tenso
     assert shard.o_proj_weight is not None and component.direction is not None
     cols = slice(local * shard.d_head, (local + 1) * shard.d_head)
     row = torch.zeros(shard.width, dtype=torch.float32)
-    row[cols] = shard.o_proj_weight[:, cols].to(torch.float32).t() @ component.direction
+    row[cols] = shard.o_proj_weight[:, cols].to(torch.float32).t() @ _direction(component)
     return row
+
+
+def _direction(component: Component) -> torch.Tensor:
+    """The spec's direction (float32 numpy, so the torch-free sidecar can load specs) as a
+    tensor, sharing its memory: built into the reducer's buffers once, never per token."""
+    assert component.direction is not None
+    return torch.from_numpy(component.direction)
 
 
 def _head_grams(heads: list[int], shard: SiteShard) -> torch.Tensor:

@@ -35,8 +35,8 @@ class Scorer:
         thresholds = [np.nan if c.threshold is None else c.threshold for c in spec.circuits]
         return cls(
             circuits=spec.circuits,
-            weights=np.ascontiguousarray(weights.numpy(), dtype=np.float32),
-            bias=np.ascontiguousarray(bias.numpy(), dtype=np.float32),
+            weights=np.ascontiguousarray(weights, dtype=np.float32),
+            bias=np.ascontiguousarray(bias, dtype=np.float32),
             thresholds=np.asarray(thresholds, dtype=np.float32),
         )
 

@@ -9,11 +9,12 @@ model hash against that model; the plugin calls it again with the model vLLM ser
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import struct
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from sidecar.spec.fields import FieldReader, SpecError, describe, format_spec_error
@@ -297,13 +298,18 @@ def _calibration(fields: FieldReader, field: str, value: object) -> Calibration 
 
 
 class _DirectionFiles:
-    """Reads direction tensors relative to the spec's folder and hashes every file it read."""
+    """Reads direction tensors relative to the spec's folder and hashes every file it read.
+
+    Directions load as numpy arrays, never torch tensors: the sidecar loads specs too, and
+    its image has no torch. The engine side converts with ``torch.from_numpy`` once, when it
+    builds its reducers.
+    """
 
     def __init__(self, fields: FieldReader):
         self._fields = fields
         self._digests: dict[str, bytes] = {}  # file name as written -> sha256, first-use order
 
-    def load(self, field: str, value: object) -> torch.Tensor:
+    def load(self, field: str, value: object) -> np.ndarray:
         fields = self._fields
         entry = fields.mapping(field, value, ("file", "tensor"))
         name = fields.string(f"{field}.file", entry["file"])
@@ -324,18 +330,38 @@ class _DirectionFiles:
         if not path.is_file():
             raise fields.error(f"{field}.file", f"{name}: file not found (looked at {path})")
         try:
-            with safe_open(path, framework="pt") as tensors:
+            with safe_open(path, framework="np") as tensors:
                 if tensor_name not in tensors.keys():
                     have = ", ".join(sorted(tensors.keys())) or "none"
                     raise fields.error(
                         f"{field}.tensor", f"no tensor {tensor_name!r} in {name} (has: {have})"
                     )
-                tensor = tensors.get_tensor(tensor_name)
+                stored = tensors.get_slice(tensor_name)
+                dtype, shape = stored.get_dtype(), stored.get_shape()
+                label = f"{name}:{tensor_name}"
+                if dtype not in _FLOAT_DTYPES:
+                    raise fields.error(
+                        f"{field}.tensor",
+                        f"{label} has dtype {dtype}, expected a float dtype "
+                        f"({', '.join(_FLOAT_DTYPES)})",
+                    )
+                if len(shape) != 1 or shape[0] == 0:
+                    raise fields.error(
+                        f"{field}.tensor", f"{label} has shape {shape}, expected 1-D and non-empty"
+                    )
+                if dtype == "BF16":
+                    vector = _read_bfloat16(path, tensor_name)
+                else:
+                    vector = tensors.get_tensor(tensor_name)
         except SafetensorError as e:
             raise fields.error(f"{field}.file", f"{name}: not a safetensors file ({e})") from None
         if name not in self._digests:
             self._digests[name] = hashlib.sha256(path.read_bytes()).digest()
-        return _direction_tensor(fields, f"{field}.tensor", f"{name}:{tensor_name}", tensor)
+        # A float32 copy: the same rounding as torch's .to(float32) for F64, exact for the rest.
+        vector = np.array(vector, dtype=np.float32, order="C")
+        if not np.isfinite(vector).all():
+            raise fields.error(f"{field}.tensor", f"{label} holds non-finite values (nan or inf)")
+        return vector
 
     def spec_hash(self, spec_bytes: bytes) -> str:
         """sha256 over the spec file's bytes and every direction file's name and bytes."""
@@ -346,17 +372,15 @@ class _DirectionFiles:
         return f"sha256:{digest.hexdigest()}"
 
 
-def _direction_tensor(
-    fields: FieldReader, field: str, label: str, tensor: torch.Tensor
-) -> torch.Tensor:
-    """A float32 copy of a 1-D, finite, floating-point tensor."""
-    if not tensor.is_floating_point():
-        raise fields.error(field, f"{label} has dtype {tensor.dtype}, expected a float dtype")
-    if tensor.dim() != 1 or tensor.shape[0] == 0:
-        raise fields.error(
-            field, f"{label} has shape {list(tensor.shape)}, expected 1-D and non-empty"
-        )
-    tensor = tensor.to(torch.float32).contiguous()
-    if not torch.isfinite(tensor).all():
-        raise fields.error(field, f"{label} holds non-finite values (nan or inf)")
-    return tensor
+# safetensors dtype names a direction may have; numpy has no bfloat16, so BF16 is widened here.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _read_bfloat16(path: Path, tensor_name: str) -> np.ndarray:
+    """A BF16 tensor as float32: bfloat16 is the top half of a float32's bits (exact)."""
+    with path.open("rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        begin, end = json.loads(f.read(header_size))[tensor_name]["data_offsets"]
+        f.seek(8 + header_size + begin)
+        raw = np.frombuffer(f.read(end - begin), dtype="<u2")
+    return (raw.astype(np.uint32) << 16).view(np.float32)

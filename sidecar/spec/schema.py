@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from sidecar.spec.sites import Site
 
@@ -35,7 +35,7 @@ class Component:
     kind: ComponentKind
     site: Site
     head: int | None = None  # set for kind=head
-    direction: torch.Tensor | None = None  # float32 [site width] (direction) or [d_model] (head)
+    direction: np.ndarray | None = None  # float32 [site width] (direction) or [d_model] (head)
     bias: float = 0.0
 
 
@@ -107,8 +107,8 @@ class CircuitSpec:
         """Distinct sites the components read, in first-use order."""
         return tuple(dict.fromkeys(c.site for c in self.components))
 
-    def weight_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Circuits as a linear map: scores [T, n_circuits] = values [T, k] @ W.T + b."""
-        weights = torch.tensor([c.weights for c in self.circuits], dtype=torch.float32)
-        bias = torch.tensor([c.bias for c in self.circuits], dtype=torch.float32)
+    def weight_matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """Circuits as a linear map: scores [T, n_circuits] = values [T, k] @ W.T + b (float32)."""
+        weights = np.array([c.weights for c in self.circuits], dtype=np.float32)
+        bias = np.array([c.bias for c in self.circuits], dtype=np.float32)
         return weights, bias

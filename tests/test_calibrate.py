@@ -1,0 +1,118 @@
+"""Calibration: thresholds at a target FPR, the calibrated spec, and the bundled harm monitor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sidecar.cli import main
+from sidecar.discover import datasets
+from sidecar.discover.calibrate import flagged_rate, threshold_at_fpr, wilson_interval
+from sidecar.discover.scorer import ReferenceScorer
+from sidecar.models.registry import model_path
+from sidecar.spec.aggregation import aggregate
+from sidecar.spec.identity import model_hash
+from sidecar.spec.load import load_spec
+from sidecar.spec.schema import Aggregation, AggregationKind
+from sidecar.spec.writer import CircuitEntry, ComponentEntry, write_spec
+
+BUNDLED = Path(__file__).resolve().parents[1] / "sidecar" / "models" / "smollm2_harm_spec"
+
+
+def test_threshold_leaves_at_most_the_target_share_above():
+    rng = np.random.default_rng(0)
+    for n, fpr in ((100, 0.01), (350, 0.01), (1000, 0.05), (7, 0.1), (50, 0.0)):
+        scores = rng.normal(size=n)
+        threshold = threshold_at_fpr(scores, fpr)
+        assert flagged_rate(scores, threshold) <= fpr
+        assert (scores > threshold).sum() == int(np.floor(fpr * n + 1e-9))  # no ties: exact
+    assert threshold_at_fpr(np.array([1.0, 1.0, 1.0]), 0.5) == 1.0  # ties: nothing above
+    with pytest.raises(ValueError):
+        threshold_at_fpr(np.array([]), 0.01)
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # 0/100: (0, z^2/(n+z^2)); 10/100: the textbook (0.0552, 0.1744)
+    zero = wilson_interval(0, 100)
+    assert zero.low == 0.0 and zero.high == pytest.approx(3.8415 / 103.8415, rel=1e-4)
+    ten = wilson_interval(10, 100)
+    assert ten.rate == 0.1
+    assert (ten.low, ten.high) == pytest.approx((0.0552, 0.1744), abs=1e-4)
+
+
+def _probe_spec(folder: Path) -> Path:
+    """A direction at layer 2 of SmolLM2 (random, fixed), aggregated by the prompt's max."""
+    direction = torch.randn(576, generator=torch.Generator().manual_seed(0)) / 24
+    return write_spec(
+        folder,
+        "smollm2",
+        model_hash(model_path("smollm2")),
+        [ComponentEntry("d", "blocks.2.hook_resid_post", direction=direction, bias=0.5)],
+        [CircuitEntry("c", {"d": 2.0}, aggregation=Aggregation(AggregationKind.MAX))],
+    )
+
+
+def test_calibrate_sets_thresholds_and_records_where_they_came_from(tmp_path):
+    spec_path = _probe_spec(tmp_path / "spec")
+    before = load_spec(spec_path)
+    answers = ("Sure, here is a short answer.", "Happy to help with that.")
+    benign = [
+        datasets.Example(0, "benign", (("user", e.content), ("assistant", answers[i % 2])))
+        for i, e in enumerate(datasets.composed_benign("calibration", 10))
+    ]
+    benign_file = datasets.write_jsonl(tmp_path / "benign.jsonl", benign)
+    heldout_file = datasets.write_jsonl(
+        tmp_path / "held.jsonl", datasets.composed_benign("test", 4)
+    )
+    report = tmp_path / "calibration.json"
+    argv = ["calibrate", "--spec", str(spec_path), "--benign", str(benign_file), "--fpr", "0.1"]
+    assert main([*argv, "--heldout", str(heldout_file), "--report", str(report)]) == 0
+
+    spec = load_spec(spec_path, model_path("smollm2"))
+    (circuit,) = spec.circuits
+    record = circuit.calibration
+    assert record.requests == 10 and record.target_fpr == 0.1
+    assert record.data_hash == datasets.file_hash(benign_file)
+    assert record.model_hash == spec.model.hash
+    assert dict(record.achieved_fpr).keys() == {"prompt", "generation"}  # answers were given
+    assert all(rate <= 0.1 for _, rate in record.achieved_fpr)
+    assert torch.equal(spec.components[0].direction, before.components[0].direction)
+    assert circuit.aggregation == before.circuits[0].aggregation and circuit.weights == (2.0,)
+    assert report.stat().st_size > 0
+
+    # The threshold is what aggregate() gives on the same requests through the reference path.
+    scorer = ReferenceScorer(spec, model_path("smollm2"))
+    prompt_max = [
+        aggregate(scorer.score(e.token_ids(scorer.tokenizer)).scores[:, 0], circuit.aggregation)
+        for e in benign
+    ]
+    threshold = circuit.verdict_threshold("prompt")
+    assert sum(v > threshold + 1e-4 for v in prompt_max) <= 1
+    assert threshold == pytest.approx(sorted(prompt_max)[-2], rel=1e-4)
+
+
+def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
+    model_dir = model_path("smollm2")
+    spec = load_spec(BUNDLED / "spec.yaml", model_dir)
+    (circuit,) = spec.circuits
+    assert circuit.calibration is not None and circuit.verdict_threshold("prompt") is not None
+    threshold = circuit.verdict_threshold("prompt")
+    scorer = ReferenceScorer(spec, model_dir)
+
+    def aggregates(examples) -> np.ndarray:
+        return np.array(
+            [
+                aggregate(scorer.score(e.token_ids(scorer.tokenizer)).scores[:, 0], agg)
+                for e in examples
+            ]
+        )
+
+    agg = circuit.aggregation
+    harmful = aggregates(datasets.harmbench()[:8])
+    benign = aggregates(datasets.composed_benign("test", 8))
+    # At 1 % FPR the bundled probe flags about a third of HarmBench (see its report).
+    assert (harmful > threshold).sum() >= 2 and (benign > threshold).sum() <= 1
+    assert harmful.mean() > benign.mean()
