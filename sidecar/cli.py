@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "models": ("sidecar.models.registry", "install and locate real models (never committed)"),
     "probe-train": ("sidecar.discover.probe_train", "train linear behaviour probes; write a spec"),
     "calibrate": ("sidecar.discover.calibrate", "set verdict thresholds at a target FPR"),
+    "stack": ("sidecar.stack", "local engine + sidecar + Prometheus (rules) + Alertmanager"),
 }
 GROUPS = {
     "discover": (

@@ -141,6 +141,14 @@ def test_alerts_carry_severity_and_annotations(rule_groups: list[dict]) -> None:
         assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
 
 
+def test_every_alert_links_its_runbook_section(rule_groups: list[dict]) -> None:
+    headings = re.findall(r"^## (\w+)$", (DEPLOY / "RUNBOOKS.md").read_text(), re.M)
+    alerts = [rule for group in rule_groups for rule in group["rules"] if "alert" in rule]
+    assert sorted(headings) == sorted(rule["alert"] for rule in alerts)
+    for rule in alerts:
+        assert rule["annotations"]["runbook_url"] == f"deploy/RUNBOOKS.md#{rule['alert'].lower()}"
+
+
 def test_rules_read_only_exported_or_recorded_metrics(rule_groups: list[dict]) -> None:
     rules = [rule for group in rule_groups for rule in group["rules"]]
     recorded = {rule["record"] for rule in rules if "record" in rule}

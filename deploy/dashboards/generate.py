@@ -165,34 +165,42 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
     )
+    # Anomaly detectors (sidecar.server.anomaly): one per circuit, named after it, and
+    # "multivariate" (shown whichever circuits are picked). Only requests past a model's
+    # warm-up are scored; the +Inf bucket counts them.
     detectors = f'{MODEL},detector=~"$circuit|multivariate"'
-    anomalies = Row(
-        "Anomalies",
+    scored = f'circuitwatch_anomaly_score_bucket{{{detectors},le="+Inf"}}'
+    anomaly = Row(
+        "Anomaly",
         (
             Panel(
                 "Anomalous requests",
-                "Requests per second whose anomaly score (against the model's recent requests, "
-                "after warm-up) is above the sidecar's --anomaly-threshold, by detector: a "
-                "circuit, or the multivariate distance over all circuits.",
+                "Share of scored requests whose anomaly score is above the sidecar's "
+                "threshold, per detector (alert CircuitwatchAnomalousActivity: over 10% "
+                "for 5 minutes). Near zero on steady traffic.",
                 (
                     Query(
                         "sum by (detector) (rate(circuitwatch_anomalous_requests_total"
-                        f"{{{detectors}}}{RATE}))",
+                        f"{{{detectors}}}{RATE})) / sum by (detector) (rate({scored}{RATE}))",
                         "{{detector}}",
                     ),
                 ),
-                unit="reqps",
+                unit="percentunit",
+                width=12,
             ),
             Panel(
-                "Anomaly score p99",
-                "99th percentile of per-request anomaly scores (robust z), by detector.",
-                (
+                "Anomaly scores",
+                "p50 and p99 of per-request anomaly scores (robust z scale) per detector; the "
+                "sidecar's --anomaly-threshold (default 4) marks a request anomalous.",
+                tuple(
                     Query(
-                        "histogram_quantile(0.99, sum by (le, detector) "
+                        f"histogram_quantile({q}, sum by (le, detector) "
                         f"(rate(circuitwatch_anomaly_score_bucket{{{detectors}}}{RATE})))",
-                        "{{detector}}",
-                    ),
+                        f"{{{{detector}}}} p{round(q * 100)}",
+                    )
+                    for q in (0.5, 0.99)
                 ),
+                width=12,
             ),
         ),
     )
@@ -262,7 +270,7 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
     )
-    return (overview, activity, anomalies, per_circuit, pipeline)
+    return (overview, activity, anomaly, per_circuit, pipeline)
 
 
 def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:
