@@ -126,6 +126,20 @@ def alertmanager_config(
     }
 
 
+def wait_until_up(url: str, process: subprocess.Popen, name: str, timeout: float) -> None:
+    """Poll ``url`` until it answers; fail at once if ``process`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {process.returncode}; see its log")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{name} not up after {timeout:.0f} s")
+
+
 class Server:
     """A Prometheus or Alertmanager process on 127.0.0.1, its config and data in ``workdir``."""
 
@@ -145,16 +159,8 @@ class Server:
             return None
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.log_path.stem} exited: {self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"{self.log_path.stem} not ready after {timeout:.0f} s")
+        name = f"{self.log_path.stem} (log: {self.log_path})"
+        wait_until_up(f"{self.url}/-/ready", self.process, name, timeout)
 
     def stop(self) -> None:
         self.process.terminate()

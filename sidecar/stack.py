@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from sidecar.demo import default_spec
@@ -35,6 +34,7 @@ from sidecar.monitoring import (
     scaled_rules,
     start_alertmanager,
     start_prometheus,
+    wait_until_up,
 )
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SPEC
 from sidecar.server.anomaly import AnomalyConfig
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             prometheus.wait_ready()
             alertmanager.wait_ready()
             print(f"starting vLLM (log: {workdir / 'vllm.log'}) ...", flush=True)
-            _wait_for_engine(api, engine)
+            wait_until_up(f"{api}/health", engine, "vLLM", ENGINE_START_S)
             print(_where_to_look(api, served, sidecar.metrics_url, prometheus.url,
                                  alertmanager.url, workdir), flush=True)  # fmt: skip
             while engine.poll() is None:
@@ -120,19 +120,6 @@ def run(args: argparse.Namespace) -> int:
             engine_log.close()
             prometheus.stop()
             alertmanager.stop()
-
-
-def _wait_for_engine(api: str, engine: subprocess.Popen) -> None:
-    deadline = time.monotonic() + ENGINE_START_S
-    while time.monotonic() < deadline:
-        if engine.poll() is not None:
-            raise RuntimeError(f"vLLM exited with status {engine.returncode}; see its log")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"vLLM not up after {ENGINE_START_S} s")
 
 
 def _where_to_look(api, served, metrics, prometheus, alertmanager, workdir) -> str:
