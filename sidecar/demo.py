@@ -222,9 +222,9 @@ def run(args: argparse.Namespace) -> int:
 def _start_engine(console, model_dir: Path, eager: bool, prefix_caching: bool):
     from vllm import LLM
 
-    mode = "eager" if eager else "default compiled"
+    mode = "eager mode" if eager else "default compiled mode"
     mode += ", prefix caching " + ("on" if prefix_caching else "off")
-    with console.status(f"starting vLLM ({mode} mode) with the Circuitwatch plugin..."):
+    with console.status(f"starting vLLM ({mode}) with the Circuitwatch plugin..."):
         started = time.monotonic()
         llm = LLM(
             model=str(model_dir),
@@ -236,7 +236,7 @@ def _start_engine(console, model_dir: Path, eager: bool, prefix_caching: bool):
             enable_prefix_caching=prefix_caching,
             served_model_name=model_dir.name,  # the model_name label, not a whole path
         )
-    console.print(f"engine up in {time.monotonic() - started:.0f} s ({mode} mode)")
+    console.print(f"engine up in {time.monotonic() - started:.0f} s ({mode})")
     return llm
 
 
@@ -281,7 +281,7 @@ def _table(rows, circuit: Circuit):
     columns = ["request", "text", "kind", "tokens", "mean", "max"]
     if threshold is not None:
         title += f"; verdict: {circuit.aggregation.kind.value} > {threshold:.4g}"
-        columns += [circuit.aggregation.kind.value, "verdict"]
+        columns += ["aggregate", "verdict"]
     table = Table(title=title)
     for column in [*columns, "gen mean"]:
         table.add_column(column, justify="left" if column in ("text", "kind") else "right")
@@ -290,7 +290,7 @@ def _table(rows, circuit: Circuit):
         gen_stats = record.phase("generation")
         stats = prompt_stats.circuit(name)
         style = KIND_STYLES.get(prompt.kind, "green")
-        cells = [record.request_id, prompt.text.replace("\n", " ")[:36],
+        cells = [record.request_id, prompt.text.replace("\n", " ")[:44],
                  f"[{style}]{prompt.kind}[/{style}]", str(prompt_stats.tokens),
                  f"{stats.mean:.2f}", f"{stats.max:.2f}"]  # fmt: skip
         if threshold is not None:
