@@ -11,6 +11,16 @@ score should rise there and stay low on ordinary text.
                         (sidecar/models/smollm2_spec): chats through its chat template,
                         ordinary questions and requests to repeat a word sequence given twice
     --model DIR         any model directory, with --spec; chats when it has a chat template
+    --monitor harm      the bundled harmful-request monitor on SmolLM2
+                        (sidecar/models/smollm2_harm_spec)
+
+When the followed circuit has a verdict threshold (a behaviour monitor, ``circuitwatch
+calibrate``), the requests are held-out chats instead: HarmBench requests, benign requests
+of the test templates and topics, and harmful-sounding safe ("tricky") ones, none of which
+trained or calibrated the bundled monitor; the table adds the circuit's configured aggregate
+and the sidecar's verdict (flagged / clear). Prefix caching is on only when the followed
+circuit aggregates with ``last``: a cached prefix is never run, so its tokens are not scored,
+and any other aggregation would then miss the chat template's shared system prompt.
 """
 
 from __future__ import annotations
@@ -27,11 +37,14 @@ from pathlib import Path
 
 from sidecar.models.registry import (
     REFERENCE_SPEC,
+    SMOLLM2_HARM_SPEC,
     SMOLLM2_SPEC,
     ModelNotInstalled,
     resolve_model,
 )
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SPEC
+from sidecar.server.records import FLAGGED
+from sidecar.spec.schema import AggregationKind, Circuit
 
 ORDINARY = (
     "def read_config(path):\n    with open(path) as handle:\n        return json.load(handle)\n",
@@ -55,10 +68,19 @@ WORDS = (
 ).split()
 
 
+MONITORS = {"harm": ("smollm2", SMOLLM2_HARM_SPEC)}  # --monitor NAME: (model, spec)
+# What each kind of request looks like in the table: the kinds a circuit exists to detect red.
+KIND_STYLES = {"repeated": "bold red", "harmful": "bold red", "tricky": "yellow"}
+
+
 @dataclass(frozen=True)
 class DemoPrompt:
     text: str
-    repeated: bool
+    kind: str  # ordinary | repeated (induction); harmful | benign | tricky (monitors)
+
+    @property
+    def repeated(self) -> bool:
+        return self.kind == "repeated"
 
 
 def demo_prompts(round_index: int, per_kind: int, chat: bool = False) -> list[DemoPrompt]:
@@ -70,11 +92,23 @@ def demo_prompts(round_index: int, per_kind: int, chat: bool = False) -> list[De
     ordinary = QUESTIONS if chat else ORDINARY
     prompts = []
     for i in range(per_kind):
-        prompts.append(DemoPrompt(ordinary[(round_index * per_kind + i) % len(ordinary)], False))
+        text = ordinary[(round_index * per_kind + i) % len(ordinary)]
+        prompts.append(DemoPrompt(text, "ordinary"))
         span = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16)))
         text = f"Repeat this text exactly: {span} {span}" if chat else f"{span} {span}"
-        prompts.append(DemoPrompt(text, True))
+        prompts.append(DemoPrompt(text, "repeated"))
     return prompts
+
+
+def monitor_prompts(round_index: int, per_kind: int) -> list[DemoPrompt]:
+    """Held-out chats for a behaviour monitor: ``per_kind`` HarmBench and benign test requests
+    and ``per_kind - 1`` (at least one) tricky ones, a different draw each round."""
+    from sidecar.discover.datasets import composed_benign, harmbench, tricky_benign
+
+    rng = random.Random(f"monitor/{round_index}")
+    pools = (("harmful", harmbench(), per_kind), ("benign", composed_benign("test"), per_kind),
+             ("tricky", tricky_benign(), max(1, per_kind - 1)))  # fmt: skip
+    return [DemoPrompt(e.content, kind) for kind, pool, n in pools for e in rng.sample(pool, n)]
 
 
 def default_spec(model: str) -> Path | None:
@@ -91,8 +125,9 @@ def has_chat_template(model_dir: Path) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="reference (the default), smollm2, or a model directory")
     parser.add_argument(
-        "--model", default="reference", help="reference (default), smollm2, or a model directory"
+        "--monitor", choices=list(MONITORS), help="a bundled behaviour monitor (sets model, spec)"
     )
     parser.add_argument(
         "--spec", type=Path, help="circuit spec YAML (default: the named model's own spec)"
@@ -120,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
     from sidecar.spec.load import SpecError, load_spec
 
     console = Console()
+    if args.monitor:
+        model, monitor_spec = MONITORS[args.monitor]
+        args.model = args.model or model
+        args.spec = args.spec or monitor_spec
+    args.model = args.model or "reference"
     try:
         model_dir = resolve_model(args.model)
     except ModelNotInstalled as e:
@@ -149,6 +189,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]--circuit {args.circuit!r} is not in the spec: {circuit_names}[/red]")
         return 2
 
+    circuit = next(c for c in spec.circuits if c.name == args.circuit)
+    if circuit.verdict_thresholds and not has_chat_template(model_dir):
+        console.print(f"[red]circuit {args.circuit!r} is a monitor of chats: the model at "
+                      f"{model_dir} has no chat template[/red]")  # fmt: skip
+        return 2
+
     sink = CollectingSink()
     with tempfile.TemporaryDirectory(prefix="circuitwatch-demo-") as tmp:
         listen = f"unix://{tmp}/ingest.sock"
@@ -156,8 +202,9 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"sidecar on {sidecar.address}, metrics at {sidecar.metrics_url}")
             # The engine's processes inherit these; the plugin reads them at engine start.
             os.environ.update({ENV_SPEC: str(spec_path), ENV_ENDPOINT: listen})
-            llm = _start_engine(console, model_dir, args.eager)
-            _run_rounds(console, llm, sink, args, chat=has_chat_template(model_dir))
+            prefix_caching = circuit.aggregation.kind is AggregationKind.LAST
+            llm = _start_engine(console, model_dir, args.eager, prefix_caching)
+            _run_rounds(console, llm, sink, args, has_chat_template(model_dir), circuit)
             console.print(f"\nPrometheus metrics: [bold]{sidecar.metrics_url}[/bold]")
             for line in _metric_lines(sidecar.metrics_url, args.circuit):
                 console.print(f"  {line}")
@@ -172,11 +219,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_engine(console, model_dir: Path, eager: bool):
+def _start_engine(console, model_dir: Path, eager: bool, prefix_caching: bool):
     from vllm import LLM
 
-    mode = "eager" if eager else "default compiled"
-    with console.status(f"starting vLLM ({mode} mode) with the Circuitwatch plugin..."):
+    mode = "eager mode" if eager else "default compiled mode"
+    mode += ", prefix caching " + ("on" if prefix_caching else "off")
+    with console.status(f"starting vLLM ({mode}) with the Circuitwatch plugin..."):
         started = time.monotonic()
         llm = LLM(
             model=str(model_dir),
@@ -185,21 +233,26 @@ def _start_engine(console, model_dir: Path, eager: bool):
             max_model_len=512,
             max_num_seqs=16,
             seed=0,
+            enable_prefix_caching=prefix_caching,
             served_model_name=model_dir.name,  # the model_name label, not a whole path
         )
-    console.print(f"engine up in {time.monotonic() - started:.0f} s ({mode} mode)")
+    console.print(f"engine up in {time.monotonic() - started:.0f} s ({mode})")
     return llm
 
 
-def _run_rounds(console, llm, sink, args: argparse.Namespace, chat: bool) -> None:
+def _run_rounds(console, llm, sink, args: argparse.Namespace, chat: bool, circuit: Circuit):
     from rich.live import Live
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    monitor = bool(circuit.verdict_thresholds)
     rows: list[tuple[DemoPrompt, object]] = []
-    with Live(_table(rows, args.circuit), console=console, refresh_per_second=4) as live:
+    with Live(_table(rows, circuit), console=console, refresh_per_second=4) as live:
         for round_index in range(args.rounds):
-            prompts = demo_prompts(round_index, args.per_kind, chat)
+            if monitor:
+                prompts = monitor_prompts(round_index, args.per_kind)
+            else:
+                prompts = demo_prompts(round_index, args.per_kind, chat)
             if chat:  # the model's chat template, as vLLM's OpenAI server applies it
                 turns = [[{"role": "user", "content": p.text}] for p in prompts]
                 outputs = llm.chat(turns, params, use_tqdm=False)
@@ -213,55 +266,59 @@ def _run_rounds(console, llm, sink, args: argparse.Namespace, chat: bool) -> Non
                     if record.request_id in pending:
                         pending.discard(record.request_id)
                         rows.append((by_id[record.request_id], record))
-                live.update(_table(rows, args.circuit))
+                live.update(_table(rows, circuit))
                 time.sleep(0.1)
             if pending:
                 console.print(f"[yellow]{len(pending)} requests not scored within 30 s[/yellow]")
-    _print_summary(console, rows, args.circuit)
+    _print_summary(console, rows, circuit)
 
 
-def _table(rows, circuit: str):
+def _table(rows, circuit: Circuit):
     from rich.table import Table
 
-    table = Table(title=f"circuit '{circuit}': per-request scores (prompt tokens)")
-    for column in ("request", "text", "kind", "tokens", "mean", "max", "gen mean"):
-        table.add_column(column, justify="right" if column not in ("text", "kind") else "left")
+    name, threshold = circuit.name, circuit.verdict_threshold("prompt")
+    title = f"circuit '{name}': per-request scores (prompt tokens)"
+    columns = ["request", "text", "kind", "tokens", "mean", "max"]
+    if threshold is not None:
+        title += f"; verdict: {circuit.aggregation.kind.value} > {threshold:.4g}"
+        columns += ["aggregate", "verdict"]
+    table = Table(title=title)
+    for column in [*columns, "gen mean"]:
+        table.add_column(column, justify="left" if column in ("text", "kind") else "right")
     for prompt, record in rows[-18:]:
         prompt_stats = record.phase("prompt")
         gen_stats = record.phase("generation")
-        stats = prompt_stats.circuit(circuit)
-        gen_mean = f"{gen_stats.circuit(circuit).mean:.2f}" if gen_stats else "-"
-        style = "bold red" if prompt.repeated else "green"
-        kind = "repeated" if prompt.repeated else "ordinary"
-        snippet = prompt.text.replace("\n", " ")[:36]
-        table.add_row(
-            record.request_id,
-            snippet,
-            f"[{style}]{kind}[/{style}]",
-            str(prompt_stats.tokens),
-            f"{stats.mean:.2f}",
-            f"{stats.max:.2f}",
-            gen_mean,
-        )
+        stats = prompt_stats.circuit(name)
+        style = KIND_STYLES.get(prompt.kind, "green")
+        cells = [record.request_id, prompt.text.replace("\n", " ")[:44],
+                 f"[{style}]{prompt.kind}[/{style}]", str(prompt_stats.tokens),
+                 f"{stats.mean:.2f}", f"{stats.max:.2f}"]  # fmt: skip
+        if threshold is not None:
+            mark = "bold red" if stats.verdict == FLAGGED else "green"
+            cells += [f"{stats.aggregate:.2f}", f"[{mark}]{stats.verdict}[/{mark}]"]
+        cells.append(f"{gen_stats.circuit(name).mean:.2f}" if gen_stats else "-")
+        table.add_row(*cells)
     return table
 
 
-def _print_summary(console, rows, circuit: str) -> None:
-    for repeated, label in ((True, "repeated text"), (False, "ordinary text")):
-        means = [r.phase("prompt").circuit(circuit).mean for p, r in rows if p.repeated is repeated]
-        if means:
-            console.print(
-                f"{label:>14}: mean '{circuit}' score {sum(means) / len(means):6.2f} "
-                f"over {len(means)} requests"
-            )
+def _print_summary(console, rows, circuit: Circuit) -> None:
+    name = circuit.name
+    for kind in dict.fromkeys(p.kind for p, _ in rows):
+        stats = [r.phase("prompt").circuit(name) for p, r in rows if p.kind == kind]
+        mean = sum(s.mean for s in stats) / len(stats)
+        line = f"{kind:>9}: mean '{name}' prompt score {mean:6.2f} over {len(stats)} requests"
+        if circuit.verdict_threshold("prompt") is not None:
+            line += f", flagged {sum(s.verdict == FLAGGED for s in stats)}/{len(stats)}"
+        console.print(line)
 
 
 def _metric_lines(url: str, circuit: str) -> list[str]:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     wanted = ("circuitwatch_requests_scored_total", "circuitwatch_tokens_sampled_total")
+    per_circuit = ("circuitwatch_circuit_score_count", "circuitwatch_verdicts_total")
     return [
         line
         for line in text.splitlines()
         if line.startswith(wanted)
-        or (line.startswith("circuitwatch_circuit_score_count") and f'circuit="{circuit}"' in line)
+        or (line.startswith(per_circuit) and f'circuit="{circuit}"' in line)
     ]

@@ -21,10 +21,7 @@ requests (how many tokens depends on the block size).
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,12 +30,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_openai_server import _free_port, _get, _wait_until
+from smollm2_live import (
+    BF16_MEAN,
+    BF16_MEDIAN,
+    BF16_TOKEN,
+    SERVED_NAME,
+    Ran,
+    chat,
+    openai_client,
+    openai_server,
+    records_for,
+)
 
-from sidecar.models.registry import SMOLLM2_SPEC, ModelNotInstalled, model_path
-from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
+from sidecar.models.registry import SMOLLM2_SPEC
 from sidecar.protocol.batch import GENERATED
-from sidecar.server.records import CollectingSink, RequestRecord
+from sidecar.server.records import CollectingSink
 from sidecar.server.service import Sidecar
 from sidecar.spec.identity import model_hash, read_model_shape
 from sidecar.spec.load import SpecError, load_spec
@@ -46,25 +52,10 @@ from sidecar.spec.writer import CircuitEntry, ComponentEntry, write_spec
 
 pytestmark = pytest.mark.engine
 
-ENGINE_START_S = 600  # ~140 s on an idle machine; several times that on a shared one
 MAX_TOKENS = 8
 # float32: the kernels differ (vLLM's CPU attention, fused RMSNorm, Inductor's reductions vs
 # transformers' eager float32), so values agree to ~1e-5 relative, as in test_live.py.
 F32_ATOL = F32_RTOL = 1e-3
-# bfloat16 engine against the float32 reference: every activation and weight is rounded to
-# 8 mantissa bits and the error grows over 30 layers. In units of a circuit's scale (the
-# standard deviation of its offline scores over all tokens sent), measured over 364 tokens of
-# 7 requests: the median per-token deviation is at most 0.011, the 99th percentile 0.11, the
-# worst 0.25 (hook_resid_post of layer 29 on the first token of a completion, where the
-# residual stream is largest). What the test exists to catch is O(1): the same scores one
-# position off deviate by a median 0.5-1.0 on the residual and MLP directions, and a wrong
-# head or column slice changes a value altogether. So: every token within 0.35, each
-# circuit's median within 0.05, each prompt or generation mean within 0.15 (measured: 0.06).
-BF16_TOKEN = 0.35
-BF16_MEDIAN = 0.05
-BF16_MEAN = 0.15
-
-SERVED_NAME = "smollm2"
 CHATS = (
     "What is the capital of France?",
     "Give me two tips for sleeping better.",
@@ -79,14 +70,6 @@ WORDS = (
 def _repeated_chat(rng: random.Random) -> str:
     span = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 16)))
     return f"Repeat this text exactly: {span} {span}"
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
-    try:
-        return model_path("smollm2")
-    except ModelNotInstalled as e:
-        pytest.skip(str(e))
 
 
 def build_test_spec(folder: Path, model_dir: Path) -> Path:
@@ -157,62 +140,21 @@ def server(request, smollm2_dir, spec_path, tmp_path_factory):
     sidecar = Sidecar(load_spec(spec_path), listen, metrics_port=0, sinks=[sink],
                       keep_token_scores=4096)  # fmt: skip
     sidecar.__enter__()
-    port = _free_port()
-    env = dict(os.environ, **{ENV_SPEC: str(spec_path), ENV_ENDPOINT: listen, ENV_SAMPLE: "1.0"})
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", str(smollm2_dir), "--served-model-name", SERVED_NAME,
-               "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.2",
-               "--max-model-len", "1024", "--max-num-seqs", "4", "--no-enable-prefix-caching",
-               "--seed", "0"]  # fmt: skip
-    if dtype == "float32":
-        command += ["--dtype", "float32"]
-    log_path = tmp / "vllm.log"
-    log = open(log_path, "w")
-    vllm = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}"
     started = time.monotonic()
+    engine_dtype = "float32" if dtype == "float32" else None
     try:
-        _wait_until(lambda: _get(f"{api}/health") is not None, ENGINE_START_S, "vLLM", [vllm])
-        start_s = time.monotonic() - started
-        print(f"\nSmolLM2 OpenAI server ({dtype}) up in {start_s:.0f} s")
-        yield Server(dtype, api, sink, start_s)
-    except AssertionError:
-        log.flush()
-        print(f"--- vLLM log ---\n{log_path.read_text()[-6000:]}")
-        raise
+        with openai_server(smollm2_dir, spec_path, listen, tmp, dtype=engine_dtype) as (api, log):
+            start_s = time.monotonic() - started
+            print(f"\nSmolLM2 OpenAI server ({dtype}) up in {start_s:.0f} s")
+            yield Server(dtype, api, sink, start_s)
     finally:
-        vllm.terminate()
-        try:
-            vllm.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            vllm.kill()
-        log.close()
         sidecar.__exit__(None, None, None)
     if dtype == "default":  # the server must really have run in bfloat16 for this to mean much
-        assert "dtype=torch.bfloat16" in log_path.read_text()
-
-
-@dataclass(frozen=True)
-class Ran:
-    """One request as the engine ran it."""
-
-    request_id: str  # the engine's (external) request id
-    prompt_ids: list[int]
-    generated_ids: list[int]
+        assert "dtype=torch.bfloat16" in log.read_text()
 
 
 def _chat(client, tag: str, text: str) -> Ran:
-    response = client.chat.completions.create(
-        model=SERVED_NAME,
-        messages=[{"role": "user", "content": text}],
-        max_tokens=MAX_TOKENS,
-        temperature=0.0,
-        extra_body={"return_token_ids": True, "ignore_eos": True},
-        extra_headers={"X-Request-Id": tag},
-    )
-    assert response.id == f"chatcmpl-{tag}"
-    choice = response.choices[0]
-    return Ran(response.id, response.prompt_token_ids, choice.token_ids)
+    return chat(client, tag, text, MAX_TOKENS)
 
 
 def _complete(client, tag: str, text: str) -> Ran:
@@ -230,9 +172,7 @@ def _complete(client, tag: str, text: str) -> Ran:
 
 def _send_all(server: Server, tag: str) -> list[Ran]:
     """Chats (ordinary and repeated text) and completions, four at a time."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{server.api}/v1", api_key="unused", timeout=300)
+    client = openai_client(server.api)
     rng = random.Random(3)
     jobs = [(_chat, text) for text in CHATS]
     jobs += [(_chat, _repeated_chat(rng)) for _ in range(2)]
@@ -241,18 +181,6 @@ def _send_all(server: Server, tag: str) -> list[Ran]:
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(f, client, f"{tag}-{i}", text) for i, (f, text) in enumerate(jobs)]
         return [f.result() for f in futures]
-
-
-def _records(sink: CollectingSink, ran: list[Ran], timeout: float = 60) -> list[RequestRecord]:
-    wanted = {r.request_id for r in ran}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = {r.request_id: r for r in sink.records if r.request_id in wanted}
-        if len(got) == len(wanted):
-            return [got[r.request_id] for r in ran]
-        time.sleep(0.1)
-    seen = sorted(r.request_id for r in sink.records)
-    raise AssertionError(f"sidecar scored {len(got)} of {len(wanted)} requests; it saw {seen}")
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +192,7 @@ def reference(smollm2_dir, spec_path):
 
 def test_online_scores_equal_the_offline_reference(server, reference):
     ran = _send_all(server, f"cw-{server.dtype}")
-    records = _records(server.sink, ran)
+    records = records_for(server.sink, ran)
     expected = [reference.score(r.prompt_ids, r.generated_ids) for r in ran]
     # The chat template was applied: the prompt starts with its im_start turn markers.
     im_start = reference.tokenizer.convert_tokens_to_ids("<|im_start|>")

@@ -29,6 +29,8 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 REFERENCE_SPEC = Path(__file__).resolve().parent / "reference_spec" / "spec.yaml"
 # Written by discovery on the installed checkpoint (``model.hash`` binds it to that file).
 SMOLLM2_SPEC = Path(__file__).resolve().parent / "smollm2_spec" / "spec.yaml"
+# The bundled harmful-request monitor (``circuitwatch probe-train`` + ``calibrate``).
+SMOLLM2_HARM_SPEC = Path(__file__).resolve().parent / "smollm2_harm_spec" / "spec.yaml"
 # Written last into an installed checkpoint: a folder without it is a half-finished install.
 INSTALL_RECORD = "circuitwatch-install.json"
 
