@@ -18,7 +18,9 @@ benign set and jailbreaks) report how often they are flagged at that threshold. 
 that goes into the spec is the one with the lowest log-loss on a validation fifth of the
 training sources (by a hash of the text), each class weighing half and each source within a
 class the same (so the few harmful-sounding safe contrast requests count as much as the many
-plain benign ones), or the one named by ``--choose``.
+plain benign ones), among the positions ``--positions`` allows (``last`` alone: the only
+position immune to vLLM's prefix caching, which skips cached prompt tokens and so changes a
+live ``mean``), or the one named by ``--choose``. The report lists every position.
 
 The spec gets one ``direction`` component and one circuit with the matching aggregation and
 no verdict thresholds: ``circuitwatch calibrate`` sets those on the calibration requests
