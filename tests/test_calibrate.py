@@ -79,7 +79,7 @@ def test_calibrate_sets_thresholds_and_records_where_they_came_from(tmp_path):
     assert record.model_hash == spec.model.hash
     assert dict(record.achieved_fpr).keys() == {"prompt", "generation"}  # answers were given
     assert all(rate <= 0.1 for _, rate in record.achieved_fpr)
-    assert torch.equal(spec.components[0].direction, before.components[0].direction)
+    assert np.array_equal(spec.components[0].direction, before.components[0].direction)
     assert circuit.aggregation == before.circuits[0].aggregation and circuit.weights == (2.0,)
     assert report.stat().st_size > 0
 
@@ -112,7 +112,9 @@ def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
 
     agg = circuit.aggregation
     harmful = aggregates(datasets.harmbench()[:8])
-    benign = aggregates(datasets.composed_benign("test", 8))
-    # At 1 % FPR the bundled probe flags about a third of HarmBench (see its report).
+    benign = aggregates(datasets.composed_benign("test", 6) + datasets.twin_benign("test")[:6])
+    # At its calibrated threshold the bundled probe flags about two fifths of HarmBench and
+    # about 5 % of held-out benign requests (see its report).
+    assert circuit.aggregation.kind is AggregationKind.LAST  # immune to prefix caching
     assert (harmful > threshold).sum() >= 2 and (benign > threshold).sum() <= 1
     assert harmful.mean() > benign.mean()

@@ -49,6 +49,12 @@ def test_benign_splits_share_no_template_topic_or_text():
     tricky = {e.content for e in datasets.tricky_benign()}
     contrast = {e.content for e in datasets.contrast_benign()}
     assert len(tricky) == 80 and not tricky & contrast
+    twins = {s: {e.content for e in datasets.twin_benign(s)} for s in datasets.BENIGN_SPLITS}
+    assert all(len(t) == 120 for t in twins.values())
+    table = json.loads(datasets.BENIGN_FILE.read_text())
+    for task in table["twin_tasks"][1::3] + table["twin_claims"][2::3]:  # calibration, test only
+        assert not any(task in text for text in twins["train"])
+    assert not (twins["train"] | twins["calibration"] | twins["test"]) & (tricky | contrast)
     assert datasets.composed_benign("test", 5, seed=1) == datasets.composed_benign(
         "test", 5, seed=1
     )
@@ -140,6 +146,11 @@ def test_probe_train_end_to_end_on_a_small_set(tmp_path):
     assert all(0.0 <= r["heldout_auroc"] <= 1.0 and r["flagged"][0][0] == "tricky" for r in rows)
     assert max(r["heldout_auroc"] for r in rows) > 0.8  # intent is linearly readable somewhere
     assert set(report["length_auroc"]) == {"train", "heldout"}
+    assert set(report["length_auroc_heldout_by_source"]) == {"benign/test"}
+    for r in rows:
+        ((source, value, fpr),) = r["heldout_by_source"]  # one held-out benign source
+        assert source == "benign/test" and value == pytest.approx(r["heldout_auroc"])
+        assert fpr == pytest.approx(r["heldout_fpr"])
     for name in ("auroc_by_layer.png", "tpr_by_layer.png", "benign_calibration.jsonl"):
         assert (report_dir / name).stat().st_size > 0
     assert len(datasets.read_jsonl(report_dir / "benign_calibration.jsonl")) == 6

@@ -100,7 +100,7 @@ def entries(spec: CircuitSpec) -> tuple[list[ComponentEntry], list[CircuitEntry]
             name=c.name,
             site=c.site.name,
             head=c.head,
-            direction=c.direction,
+            direction=c.direction,  # the writer takes any 1-D float array
             bias=c.bias,
         )
         for c in spec.components

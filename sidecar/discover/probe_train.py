@@ -18,7 +18,9 @@ benign set and jailbreaks) report how often they are flagged at that threshold. 
 that goes into the spec is the one with the lowest log-loss on a validation fifth of the
 training sources (by a hash of the text), each class weighing half and each source within a
 class the same (so the few harmful-sounding safe contrast requests count as much as the many
-plain benign ones), or the one named by ``--choose``.
+plain benign ones), among the positions ``--positions`` allows (``last`` alone: the only
+position immune to vLLM's prefix caching, which skips cached prompt tokens and so changes a
+live ``mean``), or the one named by ``--choose``. The report lists every position.
 
 The spec gets one ``direction`` component and one circuit with the matching aggregation and
 no verdict thresholds: ``circuitwatch calibrate`` sets those on the calibration requests
@@ -61,8 +63,8 @@ VALIDATION_SHARE = 5  # one in five training examples (by text hash) validates t
 class Roles:
     """Which sources play which part; a source matches its name or any ``name/...`` below it."""
 
-    heldout: tuple[str, ...] = ("harmbench", "benign/test")
-    calibration: tuple[str, ...] = ("benign/calibration",)
+    heldout: tuple[str, ...] = ("harmbench", "benign/test", "twin/test")
+    calibration: tuple[str, ...] = ("benign/calibration", "twin/calibration")
     report: tuple[str, ...] = ("tricky", "jailbreak")
 
     def role(self, example: Example) -> str:
@@ -90,6 +92,8 @@ class ProbeRow:
     threshold: float  # logit at the target FPR on the calibration benign requests
     heldout_tpr: float  # held-out harmful requests flagged at that threshold
     heldout_fpr: float  # held-out benign requests flagged at that threshold
+    # per held-out benign source: (source, AUROC against all held-out harmful, FPR)
+    heldout_by_source: tuple[tuple[str, float, float], ...]
     flagged: tuple[tuple[str, float], ...]  # report-only source -> fraction flagged
 
 
@@ -158,6 +162,18 @@ def balanced_log_loss(logits: torch.Tensor, labels: torch.Tensor, sources: np.nd
     return float(np.mean(per_class))
 
 
+def auroc_by_benign_source(
+    scores: torch.Tensor, labels: torch.Tensor, sources: np.ndarray, part: torch.Tensor
+) -> list[tuple[str, float]]:
+    """AUROC of every harmful request in ``part`` against each benign source in it."""
+    harmful = part & labels
+    names = sorted(set(sources[(part & ~labels).numpy()]))
+    pairs = [harmful | (part & torch.from_numpy(sources == name)) for name in names]
+    return [
+        (name, auroc(scores[pair], labels[pair])) for name, pair in zip(names, pairs, strict=True)
+    ]
+
+
 def evaluate_probe(
     site: Site,
     position: str,
@@ -181,6 +197,10 @@ def evaluate_probe(
     threshold = threshold_at_fpr(logits[calibration].numpy(), fpr)
     held_logits, held_labels = logits[held].numpy(), labels[held].numpy()
     report_sources = sorted(set(sources[roles == "report"]))
+    by_source = tuple(
+        (name, value, flagged_rate(logits.numpy()[(sources == name) & held.numpy()], threshold))
+        for name, value in auroc_by_benign_source(logits, labels, sources, held)
+    )
     row = ProbeRow(
         site=site.name,
         layer=site.layer,
@@ -191,6 +211,7 @@ def evaluate_probe(
         threshold=threshold,
         heldout_tpr=flagged_rate(held_logits[held_labels], threshold),
         heldout_fpr=flagged_rate(held_logits[~held_labels], threshold),
+        heldout_by_source=by_source,
         flagged=tuple(
             (s, flagged_rate(logits.numpy()[sources == s], threshold)) for s in report_sources
         ),
@@ -228,6 +249,9 @@ def train_probes(
             for role in ("train", "heldout")
             for mask in [torch.from_numpy(role_of == role)]
         },
+        "length_auroc_heldout_by_source": dict(
+            auroc_by_benign_source(lengths, labels, sources, torch.from_numpy(role_of == "heldout"))
+        ),
         "counts": {
             f"{role}/{source}": int(((role_of == role) & (sources == source)).sum())
             for role, source in sorted(set(zip(role_of, sources, strict=True)))
@@ -321,7 +345,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sites", nargs="+", help="site names (default: every layer's hook_resid_post)"
     )
-    parser.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS))
+    parser.add_argument(
+        "--positions",
+        nargs="+",
+        choices=list(POSITIONS),
+        default=list(POSITIONS),
+        help="positions the chosen probe may use (the report lists every one); 'last' alone "
+        "is immune to vLLM prefix caching, which skips cached prompt tokens",
+    )
     parser.add_argument(
         "--heldout", nargs="+", default=list(Roles.heldout), help="held-out sources"
     )
@@ -358,8 +389,7 @@ def run(args: argparse.Namespace) -> int:
     probes, summary = train_probes(
         model, tokenizer, examples, sites, roles, args.fpr, args.l2, cache
     )
-    probes = [p for p in probes if p.row.position in args.positions]
-    chosen = choose(probes, args.choose)
+    chosen = choose([p for p in probes if p.row.position in args.positions], args.choose)
     out = Path(args.out)
     spec_path = write_probe_spec(out, model_name, model_dir, chosen)
     report_dir = Path(args.report or out)
@@ -379,6 +409,7 @@ def run(args: argparse.Namespace) -> int:
         **summary,
         "chosen": asdict(chosen.row),
         "chosen_by": "--choose" if args.choose else "lowest validation log-loss",
+        "chosen_positions": list(args.positions),
         "probes": [asdict(r) for r in rows],
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -392,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(rows: Sequence[ProbeRow], chosen: ProbeRow, summary: dict, fpr: float) -> None:
     length = summary["length_auroc"]
     print(f"length-only AUROC: train {length['train']:.3f}, held-out {length['heldout']:.3f}")
+    for source, value in summary["length_auroc_heldout_by_source"].items():
+        print(f"  held-out harmful vs {source}: {value:.3f}")
     print(f"{'site':28} {'pos':5} {'val loss':>8} {'AUROC':>6} {f'TPR@{fpr:.0%}':>8} "
           f"{'FPR':>6}  flagged (report-only)")  # fmt: skip
     for r in rows:
