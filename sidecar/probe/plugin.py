@@ -33,29 +33,17 @@ def register() -> None:
         try:
             config = ProbeConfig.from_env()
         except ValueError as e:
-            _log_like_vllm()
+            vllm_internals.log_through_vllm("sidecar.probe")
             logger.error("circuitwatch: probes off: %s", e)
             return
         if config is None:
             return
-        _log_like_vllm()
+        vllm_internals.log_through_vllm("sidecar.probe")
         remember_process_cpus()
         vllm_internals.wrap_worker(functools.partial(_install, config=config))
         vllm_internals.wrap_scheduler()
     except Exception:
         logger.exception("circuitwatch: could not hook into vLLM's worker; probes off")
-
-
-def _log_like_vllm() -> None:
-    """Send the probe's log records to vLLM's handlers, so they appear in the engine's log."""
-    probe_logger = logging.getLogger("sidecar.probe")
-    vllm_handlers = logging.getLogger("vllm").handlers
-    if probe_logger.handlers or not vllm_handlers:
-        return
-    for handler in vllm_handlers:
-        probe_logger.addHandler(handler)
-    probe_logger.setLevel(logging.INFO)
-    probe_logger.propagate = False
 
 
 def _install(worker: Any, config: ProbeConfig):

@@ -4,6 +4,7 @@ Written against vLLM 0.32.0. The rest of ``sidecar.probe`` sees only what this m
 (``EngineView``, ``StepLayout``, ``EngineStep``, and the functions below); paths are relative
 to the ``vllm`` package, line numbers those of 0.32.0.
 
+    log_through_vllm     ``logger.py``: vLLM's handlers on the ``vllm`` logger
     wrap_worker          ``v1/worker/gpu_worker.py``: ``Worker`` (192; the CPU worker inherits
                          it), its ``load_model`` (587), ``execute_model(scheduler_output)``
                          (1302), ``shutdown`` (1606) and ``model_runner`` attribute
@@ -65,6 +66,18 @@ _PROBE_ATTR = "circuitwatch_probe"
 _WRAPPED_ATTR = "__circuitwatch_wrapped__"
 TRACEPARENT_ARG = "circuitwatch.traceparent"  # our key in SamplingParams.extra_args
 _ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def log_through_vllm(name: str) -> None:
+    """Send logger ``name``'s records to vLLM's handlers, so they appear in the engine's log."""
+    ours = logging.getLogger(name)
+    vllm_handlers = logging.getLogger("vllm").handlers
+    if ours.handlers or not vllm_handlers:
+        return
+    for handler in vllm_handlers:
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
 
 
 class AttachedProbe(Protocol):
