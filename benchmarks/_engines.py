@@ -314,7 +314,9 @@ def limit_probe(worker, stage: str) -> bool:
     "drain": every step is drained (layout, copies into the host ring) and then discarded,
     so the shipper thread and the sidecar do nothing.
     """
-    probe = getattr(worker, "circuitwatch_probe", None)
+    from sidecar.probe.vllm_internals import attached_probe
+
+    probe = attached_probe(worker)
     if probe is None or stage not in ("taps", "drain"):
         return False
     if stage == "taps":

@@ -7,16 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sidecar.probe.attribution import (
+from sidecar.probe.config import ProbeConfig
+from sidecar.probe.host.attribution import (
     RequestIds,
     SamplePolicy,
     StepIds,
-    StepLayout,
     TokenRows,
     attribute,
-    external_request_id,
 )
-from sidecar.probe.config import ProbeConfig
+from sidecar.probe.vllm_internals import StepLayout, external_request_id
 from sidecar.protocol.batch import GENERATED, PROMPT
 
 

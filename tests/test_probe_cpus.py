@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from sidecar.probe import cpus
+from sidecar.probe.host import cpus
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,

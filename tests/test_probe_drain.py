@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from sidecar.probe.attribution import SamplePolicy, StepLayout
-from sidecar.probe.drain import DRAIN_BACKLOG, BatchIdentity, Drain
-from sidecar.probe.ring import HostRing, Span
-from sidecar.probe.shipper import DropCounts
-from sidecar.probe.taps import PositionTap, TapSet
+from sidecar.probe.graph.taps import PositionTap, TapSet
+from sidecar.probe.host.attribution import SamplePolicy
+from sidecar.probe.host.drain import DRAIN_BACKLOG, BatchIdentity, Drain
+from sidecar.probe.host.ring import HostRing, Span
+from sidecar.probe.host.shipper import DropCounts
+from sidecar.probe.vllm_internals import StepLayout
 from sidecar.protocol.batch import GENERATED, PROMPT
 
 

@@ -19,8 +19,8 @@ from probe_engine_helpers import (
     wait_for,
 )
 
+from sidecar.probe.host.shipper import SIDECAR_UNAVAILABLE
 from sidecar.probe.plugin import probe_flush, probe_stats
-from sidecar.probe.shipper import SIDECAR_UNAVAILABLE
 
 pytestmark = pytest.mark.engine
 

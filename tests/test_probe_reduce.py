@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sidecar.probe.reduce import SiteReducer, SiteShard
+from sidecar.probe.graph.reduce import SiteReducer, SiteShard
 from sidecar.spec.schema import Component, ComponentKind
 from sidecar.spec.sites import Site
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from probe_engine_helpers import CollectingServer
 
-from sidecar.probe.shipper import QUEUE_FULL, SIDECAR_UNAVAILABLE, Backoff, Shipper
+from sidecar.probe.host.shipper import QUEUE_FULL, SIDECAR_UNAVAILABLE, Backoff, Shipper
 from sidecar.protocol.batch import PROMPT, TokenBatch
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2_grpc
 

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_probe_shipper import Step, resolve, wait_until
 
-from sidecar.probe.shipper import KEEPALIVE_TIME_MS, Shipper
+from sidecar.probe.host.shipper import KEEPALIVE_TIME_MS, Shipper
 
 SPEC = Path(__file__).parents[1] / "sidecar" / "models" / "reference_spec" / "spec.yaml"
 OUTAGE_S = 6.0  # longer than the shipper's old backoff cap (5 s)

@@ -14,7 +14,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from test_probe_drain import make_drain, run_step
 from test_server_grpc import MODEL, Engine, scrape, send, start, value
 
-from sidecar.probe.runtime import TraceParents, carry_trace_context, new_trace_contexts
+from sidecar.probe.runtime import TraceParents
+from sidecar.probe.vllm_internals import carry_trace_context, new_trace_contexts
 from sidecar.protocol.batch import GENERATED, PROMPT, from_message, to_message
 from sidecar.server.tracing import OtlpConfig, otlp_config, tracer_provider_from_config
 

@@ -3,7 +3,7 @@
     CIRCUITWATCH_SPEC        path to the circuit spec YAML; unset = probes off (required)
     CIRCUITWATCH_ENDPOINT    the sidecar: ``unix:///path/to.sock`` or ``host:port`` (required)
     CIRCUITWATCH_SAMPLE      tokens to ship per step: a fraction ``"0.25"`` or a cap ``"256"``
-                             (default ``"512"``, see ``sidecar.probe.attribution``)
+                             (default ``"512"``, see ``sidecar.probe.host.attribution``)
     CIRCUITWATCH_QUEUE_SIZE  steps the shipper may hold while the sidecar is slow (default 256)
     CIRCUITWATCH_LINGER_MS   how long the shipper gathers steps into one message (default 50):
                              longer costs the engine less and delays the metrics more
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.probe.attribution import DEFAULT_SAMPLE, SamplePolicy
+from sidecar.probe.host.attribution import DEFAULT_SAMPLE, SamplePolicy
 
 ENV_SPEC = "CIRCUITWATCH_SPEC"
 ENV_ENDPOINT = "CIRCUITWATCH_ENDPOINT"

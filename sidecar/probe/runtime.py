@@ -3,43 +3,30 @@
 ``WorkerProbe.build`` loads and checks the spec against the served model, installs the taps
 on this tensor-parallel rank, and starts the drain and the shipper. ``after_step`` runs on
 the engine thread after the model runner has launched a step's forward: it reads the step's
-layout from the runner, hands the drain's copies to the shipper, and returns.
+layout, hands the drain's copies to the shipper, and returns.
 
-Model runners: vLLM 0.32 has two. V1 (``vllm/v1/worker/gpu_model_runner.py``, also the CPU
-runner) keeps the batch in ``runner.input_batch``; V2 (``vllm/v1/worker/gpu/``, the default
-on CUDA) leaves the step's ``InputBatch`` in ``runner.execute_model_state`` until
-``sample_tokens``. ``step_layout`` reads either. With async scheduling (vLLM's default where
-supported) the forward may still be running when ``execute_model`` returns; the drain's
-copies are queued on the same stream after it, so nothing here waits for it.
-
-Trace context: vLLM's OpenAI front end puts a request's ``traceparent`` header into
-``trace_headers`` (only with ``--otlp-traces-endpoint``), and the engine core keeps it on
-its ``Request``; the worker's ``SchedulerOutput`` (``NewRequestData``) does not carry it, but
-does carry the request's ``SamplingParams``, whose ``extra_args`` vLLM keeps for plugins. So
-``carry_trace_context`` (in the engine core, as the scheduler admits a request) copies the
-traceparent there, and ``new_trace_contexts`` reads it back in every worker, whatever the
-executor (one process, multiprocessing, any number of ranks).
+What it reads of vLLM (the engine, each step's layout, trace contexts) comes through
+``sidecar.probe.vllm_internals``. With async scheduling (vLLM's default where supported) the
+forward may still be running when ``execute_model`` returns; the drain's copies are queued on
+the same stream after it, so nothing here waits for it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from sidecar.probe.adapters import CheckpointWeights, LlamaAdapter
-from sidecar.probe.attribution import StepLayout
 from sidecar.probe.config import ProbeConfig
-from sidecar.probe.cpus import spare_cpus
-from sidecar.probe.drain import BatchIdentity, Drain
-from sidecar.probe.shipper import DropCounts, Shipper, ShipperStats
-from sidecar.probe.taps import TapSet, install_taps
+from sidecar.probe.graph.adapters import CheckpointWeights, LlamaAdapter
+from sidecar.probe.graph.cache_key import compile_cache_key
+from sidecar.probe.graph.taps import TapSet, install_taps
+from sidecar.probe.host.cpus import spare_cpus
+from sidecar.probe.host.drain import BatchIdentity, Drain
+from sidecar.probe.host.shipper import DropCounts, Shipper, ShipperStats
+from sidecar.probe.vllm_internals import EngineView, StepLayout, key_compile_cache, read_step
 from sidecar.protocol.batch import row_bytes
 from sidecar.spec.identity import shape_from_config
 from sidecar.spec.load import check_model, check_shape, load_spec
@@ -47,8 +34,6 @@ from sidecar.spec.schema import CircuitSpec
 
 logger = logging.getLogger(__name__)
 
-# Bumped whenever what the taps trace into the graph changes; part of vLLM's compile-cache key.
-TAP_LAYOUT_VERSION = 1
 RING_FORWARDS = 4
 MESSAGE_BYTES = 2**20  # what one message aims at: cheap to build, far below the limit
 
@@ -60,22 +45,6 @@ class ProbeStats:
     steps: int  # engine steps seen
     component_ids: tuple[int, ...]  # the columns this rank ships
     shipper: ShipperStats
-
-
-@dataclass(frozen=True)
-class EngineView:
-    """What the probe needs from vLLM's worker, gathered by the plugin."""
-
-    model: torch.nn.Module
-    model_dir: str
-    hf_config: dict
-    model_name: str
-    max_tokens_per_forward: int
-    rank: int
-    world_size: int
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None
-    randomized_ids: bool
-    compile_configs: list[Any]  # VllmConfig objects whose hash keys the compile cache
 
 
 class WorkerProbe:
@@ -123,15 +92,7 @@ class WorkerProbe:
         )
         # The compiled graph now contains the taps: key vLLM's compile cache by them, or an
         # engine would reuse a graph traced with another spec, or without probes.
-        fingerprint = f"{spec.hash}/taps-v{TAP_LAYOUT_VERSION}/rows-{engine.max_tokens_per_forward}"
-        for vllm_config in engine.compile_configs:
-            if isinstance(vllm_config.additional_config, dict):
-                vllm_config.additional_config["circuitwatch"] = fingerprint
-            else:
-                logger.warning(
-                    "circuitwatch: additional_config is not a dict; the compile cache cannot "
-                    "tell probed graphs apart, set VLLM_DISABLE_COMPILE_CACHE=1"
-                )
+        key_compile_cache(engine, compile_cache_key(spec.hash, engine.max_tokens_per_forward))
         drops = DropCounts()
         identity = BatchIdentity(
             spec_hash=spec.hash,
@@ -170,16 +131,16 @@ class WorkerProbe:
             return
         self.steps += 1
         try:
-            for request_id, traceparent in new_trace_contexts(scheduler_output):
+            step = read_step(runner, scheduler_output)
+            for request_id, traceparent in step.trace_contexts:
                 self.trace_parents.remember(request_id, traceparent)
-            finished = sorted(scheduler_output.finished_req_ids)
-            if scheduler_output.total_num_scheduled_tokens:
-                layout = step_layout(runner, scheduler_output)
-            elif finished:
-                layout = StepLayout([], np.zeros(0, np.int64), np.zeros(0, np.int64))
+            if step.layout is not None:
+                layout = step.layout
+            elif step.finished:
+                layout = StepLayout.empty()
             else:
                 return
-            pending = self.drain.collect(self.steps, layout, finished)
+            pending = self.drain.collect(self.steps, layout, step.finished)
             if pending is not None:
                 self.shipper.submit(pending)
         except Exception:
@@ -199,29 +160,10 @@ class WorkerProbe:
         )
 
 
-def step_layout(runner: Any, scheduler_output: Any) -> StepLayout:
-    """The batch order of the forward ``runner`` just ran, from either vLLM model runner."""
-    state = getattr(runner, "execute_model_state", None)
-    batch = getattr(state, "input_batch", None)
-    if batch is not None:  # V2 runner
-        req_ids = list(batch.req_ids)
-        num_scheduled = np.asarray(batch.num_scheduled_tokens[: len(req_ids)], dtype=np.int64)
-        prompt_lens = runner.req_states.prompt_len.np[batch.idx_mapping_np[: len(req_ids)]]
-    else:  # V1 runner
-        batch = runner.input_batch
-        req_ids = list(batch.req_ids[: batch.num_reqs])
-        num_scheduled = np.array(
-            [scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64
-        )
-        prompt_lens = batch.num_prompt_tokens[: len(req_ids)]
-    return StepLayout(req_ids, num_scheduled, np.asarray(prompt_lens, dtype=np.int64))
-
-
-TRACEPARENT_ARG = "circuitwatch.traceparent"  # our key in SamplingParams.extra_args
-
-
 class TraceParents:
     """W3C traceparent by engine request id, from a request's first step to its first drain.
+
+    Filled from the trace contexts ``vllm_internals.read_step`` finds in each step.
 
     Bounded: a request that never reaches the drain is forgotten once ``capacity`` newer
     ones arrived.
@@ -239,22 +181,3 @@ class TraceParents:
     def take(self, request_id: str) -> str | None:
         """The request's traceparent, once; None when unknown or already taken."""
         return self._by_request.pop(request_id, None) if self._by_request else None
-
-
-def carry_trace_context(request: Any) -> None:
-    """Engine core: copy an admitted ``Request``'s traceparent to where workers see it."""
-    headers = request.trace_headers
-    params = request.sampling_params
-    if not headers or "traceparent" not in headers or params is None:
-        return
-    params.extra_args = {**(params.extra_args or {}), TRACEPARENT_ARG: headers["traceparent"]}
-
-
-def new_trace_contexts(scheduler_output: Any) -> list[tuple[str, str]]:
-    """Worker: (engine request id, traceparent) of this step's new requests that have one."""
-    found = []
-    for new in scheduler_output.scheduled_new_reqs:
-        extra = new.sampling_params.extra_args if new.sampling_params is not None else None
-        if extra and TRACEPARENT_ARG in extra:
-            found.append((new.req_id, str(extra[TRACEPARENT_ARG])))
-    return found

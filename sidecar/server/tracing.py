@@ -12,7 +12,7 @@ detection past its warm-up, per detector (a circuit's name or "multivariate"):
 ``circuitwatch.anomaly.<detector>.score`` and ``circuitwatch.anomaly.<detector>.anomalous``.
 
 Trace context: when the probe sent the request's W3C ``traceparent`` (see
-``sidecar.probe.runtime``; vLLM passes the header to its engine only when its own tracing is
+``sidecar.probe.vllm_internals``; vLLM passes the header to its engine only when its own tracing is
 on, ``--otlp-traces-endpoint``), the span is a child of that context: it joins the caller's
 trace as a sibling of vLLM's ``llm_request`` span, whose own span id vLLM makes only in its
 front end once the request has finished, so it can be no one's parent. Without one the

@@ -2,7 +2,7 @@
 
 Sites use TransformerLens names, so specs written for SAELens/TransformerLens tools read
 the same here. A ``Site`` is parsed once from its name and carries its layer and kind;
-adapters (``sidecar.probe.adapters``, ``sidecar.discover.capture``) map kinds to modules.
+adapters (``sidecar.probe.graph.adapters``, ``sidecar.discover.capture``) map kinds to modules.
 
 Shapes, per token:
     blocks.{L}.hook_resid_pre   [d_model]  residual stream entering block L

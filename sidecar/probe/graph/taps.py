@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sidecar.probe.adapters import Extractor, LlamaAdapter, layer_positions
-from sidecar.probe.reduce import SiteReducer
+from sidecar.probe.graph.adapters import Extractor, LlamaAdapter, layer_positions
+from sidecar.probe.graph.reduce import SiteReducer
 from sidecar.spec.schema import CircuitSpec
 from sidecar.spec.sites import Site
 

@@ -2,20 +2,20 @@
 
 A step's forward pass carries the scheduled tokens of every request in the batch, request
 after request in the model runner's batch order, followed by padding (CUDA graph sizes).
-``StepLayout`` is that order with each request's scheduled token count and prompt length;
-``attribute`` turns it and the positions the model saw into per-token rows, dropping
-padding. A token is a prompt token when its position is below its request's prompt length,
-else a generated token (the engine feeds generated tokens back one per step; the last one
-is never fed back). Prefix-cached tokens skip the forward pass, so they have no rows.
+``StepLayout`` (read by ``vllm_internals``) is that order with each request's scheduled
+token count and prompt length; ``attribute`` turns it and the positions the model saw into
+per-token rows, dropping padding. A token is a prompt token when its position is below its
+request's prompt length, else a generated token (the engine feeds generated tokens back one
+per step; the last one is never fed back). Prefix-cached tokens skip the forward pass, so
+they have no rows.
 
-Request ids: vLLM's front ends add ``-<8 hex>`` to the id a user gives (``LLM.generate``'s
-``RequestOutput.request_id``, the OpenAI server's request id) so that ids are unique inside
-the engine. ``external_request_id`` strips it: the probe ships the id the user sees. For the
-OpenAI server that is the response ``id`` for chat completions and ``<response id>-<prompt
-index>`` for completions. A caller may give the same id to concurrent requests (``LLM.generate``
-ids, the OpenAI server's ``X-Request-Id``): ``RequestIds`` keeps the engine id as the identity
-and exports the caller's id only while no other live request exports it, so such requests
-are never merged into one.
+Request ids: vLLM's front ends add a random suffix to the id a user gives, so that ids are
+unique inside the engine; ``vllm_internals.external_request_id`` strips it: the probe ships
+the id the user sees. For the OpenAI server that is the response ``id`` for chat completions
+and ``<response id>-<prompt index>`` for completions. A caller may give the same id to
+concurrent requests (``LLM.generate`` ids, the OpenAI server's ``X-Request-Id``):
+``RequestIds`` keeps the engine id as the identity and exports the caller's id only while no
+other live request exports it, so such requests are never merged into one.
 
 Sampling (``SamplePolicy``, env ``CIRCUITWATCH_SAMPLE``), identical on every
 tensor-parallel rank because it reads only the step's metadata:
@@ -30,22 +30,15 @@ batch of up to 512 requests, and thins out only long prefill chunks.
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from sidecar.probe.vllm_internals import StepLayout, external_request_id
 from sidecar.protocol.batch import GENERATED, PROMPT
 
 DEFAULT_SAMPLE = "512"
-
-_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-
-
-def external_request_id(internal: str, randomized: bool = True) -> str:
-    """The id the user gave, from the engine's ``<id>-<8 hex>`` (unchanged if not randomized)."""
-    return _ENGINE_SUFFIX.sub("", internal) if randomized else internal
 
 
 @dataclass(frozen=True)
@@ -102,20 +95,6 @@ class RequestIds:
             return internal if name in self._exported else name
         self._exported.discard(name)
         return name
-
-
-@dataclass(frozen=True)
-class StepLayout:
-    """The requests of one forward pass, in batch order."""
-
-    req_ids: list[str]
-    num_scheduled: np.ndarray  # int [R]: tokens each request has in this forward
-    prompt_lens: np.ndarray  # int [R]
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (unpadded) tokens in the forward."""
-        return int(self.num_scheduled.sum())
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from typing import Protocol
 import grpc
 
 from sidecar.probe.config import DEFAULT_LINGER_MS
-from sidecar.probe.cpus import bind_current_thread
+from sidecar.probe.host.cpus import bind_current_thread
 from sidecar.protocol.batch import TokenBatch, to_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2_grpc
 

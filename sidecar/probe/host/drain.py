@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sidecar.probe.attribution import RequestIds, SamplePolicy, StepLayout, attribute
-from sidecar.probe.ring import HostRing, Span
-from sidecar.probe.shipper import DropCounts
-from sidecar.probe.taps import TapSet
+from sidecar.probe.graph.taps import TapSet
+from sidecar.probe.host.attribution import RequestIds, SamplePolicy, attribute
+from sidecar.probe.host.ring import HostRing, Span
+from sidecar.probe.host.shipper import DropCounts
+from sidecar.probe.vllm_internals import StepLayout
 from sidecar.protocol.batch import TokenBatch
 
 DRAIN_BACKLOG = "drain_backlog"

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from sidecar.probe.reduce import SiteShard
+from sidecar.probe.graph.reduce import SiteShard
 from sidecar.spec.sites import Site, SiteKind
 
 # Extracts a site's activation from a hook's (args, kwargs, output); output is None for
