@@ -1,11 +1,13 @@
 """Alerts end to end: SmolLM2 traffic shifts from benign to harmful, and the alerts reach a webhook.
 
 Everything is real and on loopback: a vLLM CPU engine (in this process, default compiled
-mode, float32, prefix caching off) with the Circuitwatch plugin serving SmolLM2 under the
-harmful-request monitor (sidecar/models/smollm2_harm_spec: a probe with a calibrated
-prompt-phase verdict threshold); the sidecar in this process with anomaly detection and a
-short warm-up; Prometheus scraping it every second and evaluating deploy's rules; an
-Alertmanager (group_wait 1 s) posting to a webhook served by this test.
+mode, float32, prefix caching off) with the Circuitwatch plugin serving SmolLM2 under one
+spec written here from two bundled ones: the harmful-request monitor
+(sidecar/models/smollm2_harm_spec: a probe with a calibrated prompt-phase verdict threshold)
+and the discovered previous-token circuit (sidecar/models/smollm2_spec); the sidecar in this
+process with anomaly detection and a short warm-up; Prometheus scraping it every second and
+evaluating deploy's rules; an Alertmanager (group_wait 1 s) posting to a webhook served by
+this test.
 
 **The rules are time-scaled** (``sidecar.monitoring.scaled_rules``, factor ``SCALE``):
 every rate window, ``for:`` and group interval of deploy/prometheus/rules.yaml is divided
@@ -14,11 +16,28 @@ floors are unchanged. The production timing is then 20x what is measured here, p
 and evaluation intervals.
 
 Phases: the detector's warm-up (benign requests), a benign phase long enough for any alert
-to fire (rate window + ``for:`` + margins), then harmful requests (HarmBench) until both
-alerts arrived. Benign requests come from the held-out ``test`` split of the project's
-composed benign requests (not used to set the verdict threshold). Measured and printed:
-seconds from the first harmful request to each alert at the webhook, and the alerts (if
-any) that arrived during benign traffic. Every dashboard query must then return data.
+to fire (rate window + ``for:`` + margins), then harmful requests (HarmBench) until the
+flagged-request alert arrived, then in-the-wild jailbreak prompts until the anomaly alert
+arrived. Benign requests come from the held-out ``test`` split of the project's composed
+benign requests (not used to set the verdict threshold). Measured and printed: seconds from
+the first harmful request to each alert at the webhook (and from the first jailbreak to the
+anomaly alert), and the alerts (if any) that arrived during benign traffic. Every dashboard
+query must then return data.
+
+Why this arrangement (offline emulation of the sidecar's AnomalyMonitor on reference-path
+scores of the same traffic, warm-up 24, 150 benign requests, threshold 4; 2026-11-29):
+HarmBench requests look like the benign chats to every detector (anomalous share 0-5 %):
+they are short chats with the same template, and the harm probe's benign means are
+heavy-tailed, so the probe's verdict threshold catches them but its robust z does not.
+Jailbreak prompts (hundreds of tokens of role-play instructions) are a shift a user would
+recognise, and the previous-token circuit sees it: 80 % of them anomalous for it, 78 % for
+the multivariate detector, 0 % of benign requests for either. The induction circuit of
+smollm2_spec is left out: its prompt-phase means on these templated benign chats are
+heavy-tailed around a narrow core (26-36 % of benign requests over z 4 after a warm-up of
+24), which would make the benign phase alarm. Measured here (2026-11-29, 267 s in all): no alert
+in 51 s of benign traffic (336 requests); CircuitwatchFlaggedRequests 19.7 s after the first
+HarmBench request, CircuitwatchAnomalousActivity 22.6 s after the first jailbreak (peak
+anomalous share 0.92; at most 0.08 during HarmBench).
 """
 
 from __future__ import annotations
@@ -47,14 +66,19 @@ from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
 from sidecar.server.anomaly import AnomalyConfig
 from sidecar.server.service import Sidecar
 from sidecar.spec.load import load_spec
+from sidecar.spec.writer import write_spec
 
 pytestmark = pytest.mark.engine
 
-HARM_SPEC = Path(__file__).resolve().parents[1] / "sidecar" / "models" / "smollm2_harm_spec"
+MODELS = Path(__file__).resolve().parents[1] / "sidecar" / "models"
+HARM_SPEC = MODELS / "smollm2_harm_spec"
+HEADS_SPEC = MODELS / "smollm2_spec"
+HEADS_CIRCUITS = ("previous_token",)  # of HEADS_SPEC, watched beside the harm monitor
+MAX_JAILBREAK_TOKENS = 512  # rendered prompt; max_model_len is 1024
 SCALE = 20
 WARMUP = 24  # requests before the anomaly detectors score (production default: 200)
 BENIGN_S = 50  # benign traffic after warm-up: > rate window + for (30 s) + scrape/eval/group
-ALERT_WITHIN_S = 90  # both alerts at the webhook this soon after the first harmful request
+ALERT_WITHIN_S = 90  # each alert at the webhook this soon after its shift began
 BATCH = 8
 MAX_TOKENS = 4
 EXPECTED = ("CircuitwatchAnomalousActivity", "CircuitwatchFlaggedRequests")
@@ -94,25 +118,49 @@ def serve_webhook(webhook: Webhook) -> ThreadingHTTPServer:
     return server
 
 
+def combined_spec(folder: Path, model_dir: Path) -> Path:
+    """The harm spec's components and circuits plus HEADS_CIRCUITS of the heads spec (and the
+    components they use), written as one spec for the same model."""
+    from sidecar.discover.calibrate import entries
+
+    harm = load_spec(HARM_SPEC / "spec.yaml", model_dir=model_dir)
+    heads = load_spec(HEADS_SPEC / "spec.yaml", model_dir=model_dir)
+    components, circuits = entries(harm)
+    head_components, head_circuits = entries(heads)
+    kept = [c for c in head_circuits if c.name in HEADS_CIRCUITS]
+    used = {name for c in kept for name in c.weights}
+    components += [c for c in head_components if c.name in used]
+    header = "harm monitor + previous-token circuit (tests/test_alerts_e2e.py)"
+    return write_spec(folder, harm.model.name, harm.model.hash, components, circuits + kept, header)
+
+
 @pytest.fixture(scope="module")
-def inputs():
-    """SmolLM2, its harm spec with a prompt verdict threshold, benign and harmful chats."""
+def inputs(tmp_path_factory):
+    """SmolLM2, the combined spec, benign chats, harmful chats and jailbreak prompts."""
     try:
         model_dir = model_path("smollm2")
     except ModelNotInstalled as e:
         pytest.skip(str(e))
     datasets = pytest.importorskip("sidecar.discover.datasets")
-    if not (HARM_SPEC / "spec.yaml").exists():
-        pytest.skip("no harm spec at sidecar/models/smollm2_harm_spec")
-    spec = load_spec(HARM_SPEC / "spec.yaml", model_dir=model_dir)
+    for folder in (HARM_SPEC, HEADS_SPEC):
+        if not (folder / "spec.yaml").exists():
+            pytest.skip(f"no spec at {folder}")
+    spec_path = combined_spec(tmp_path_factory.mktemp("spec"), model_dir)
+    spec = load_spec(spec_path, model_dir=model_dir)
     if not any(phase == "prompt" for c in spec.circuits for phase, _ in c.verdict_thresholds):
         pytest.skip("the harm spec has no prompt-phase verdict threshold yet")
     try:
         harmful = [e.content for e in datasets.harmbench()]
+        jailbreaks = datasets.jailbreaks()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    fitting = [e.content for e in jailbreaks
+               if len(e.token_ids(tokenizer)) <= MAX_JAILBREAK_TOKENS]  # fmt: skip
     benign = [e.content for e in datasets.composed_benign("test")]
-    return model_dir, spec, benign, harmful
+    return model_dir, spec_path, spec, benign, harmful, fitting
 
 
 ANOMALY_BUCKETS = "sum by (le) (rate(circuitwatch_anomaly_score_bucket[15s]))"
@@ -131,6 +179,7 @@ TRACES = {
 @dataclass
 class Timeline:
     shift: float  # monotonic time of the first harmful request
+    jailbreak: float  # monotonic time of the first jailbreak prompt
     benign_start: float  # end of the warm-up
     webhook: Webhook
     prometheus: object
@@ -155,7 +204,7 @@ def trace(prometheus, expr: str, phases: dict[str, tuple[float, float]]) -> dict
 def timeline(inputs, tmp_path_factory):
     from vllm import LLM, SamplingParams
 
-    model_dir, spec, benign, harmful = inputs
+    model_dir, spec_path, spec, benign, harmful, jailbreaks = inputs
     tmp = tmp_path_factory.mktemp("alerts")
     webhook = Webhook()
     hook_server = serve_webhook(webhook)
@@ -176,7 +225,7 @@ def timeline(inputs, tmp_path_factory):
         alertmanager.wait_ready()
         prometheus.wait_ready()
         with pytest.MonkeyPatch.context() as env:
-            env.setenv(ENV_SPEC, str(HARM_SPEC / "spec.yaml"))
+            env.setenv(ENV_SPEC, str(spec_path))
             env.setenv(ENV_ENDPOINT, sidecar.address)
             env.setenv(ENV_SAMPLE, "1.0")
             started = time.monotonic()
@@ -184,28 +233,38 @@ def timeline(inputs, tmp_path_factory):
                       gpu_memory_utilization=0.2, enable_prefix_caching=False, seed=0)  # fmt: skip
             print(f"\nengine up in {time.monotonic() - started:.0f} s")
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-        sent = {"warmup": 0, "benign": 0, "harmful": 0}
+        sent = {"warmup": 0, "benign": 0, "harmful": 0, "jailbreak": 0}
 
         def send(phase: str, texts: itertools.cycle) -> None:
             chats = [[{"role": "user", "content": next(texts)}] for _ in range(BATCH)]
             llm.chat(chats, params, use_tqdm=False)
             sent[phase] += BATCH
 
-        benign_texts, harmful_texts = itertools.cycle(benign), itertools.cycle(harmful)
+        def send_until(phase: str, texts: itertools.cycle, alert: str) -> None:
+            began = time.monotonic()  # stops at ALERT_WITHIN_S + 10 s
+            while alert not in webhook.arrivals(since=shift):
+                if time.monotonic() - began > ALERT_WITHIN_S + 10:
+                    break
+                send(phase, texts)
+
+        benign_texts = itertools.cycle(benign)
         while sent["warmup"] < WARMUP + BATCH:
             send("warmup", benign_texts)
         benign_start, wall_benign = time.monotonic(), time.time()
         while time.monotonic() - benign_start < BENIGN_S:
             send("benign", benign_texts)
         shift, wall_shift = time.monotonic(), time.time()
-        while set(EXPECTED) - set(webhook.arrivals()):  # stops at ALERT_WITHIN_S + 10 s
-            if time.monotonic() - shift > ALERT_WITHIN_S + 10:
-                break
-            send("harmful", harmful_texts)
-        phases = {"benign": (wall_benign, wall_shift), "harmful": (wall_shift, time.time())}
+        send_until("harmful", itertools.cycle(harmful), "CircuitwatchFlaggedRequests")
+        jailbreak, wall_jailbreak = time.monotonic(), time.time()
+        send_until("jailbreak", itertools.cycle(jailbreaks), "CircuitwatchAnomalousActivity")
+        phases = {
+            "benign": (wall_benign, wall_shift),
+            "harmful": (wall_shift, wall_jailbreak),
+            "jailbreak": (wall_jailbreak, time.time()),
+        }
         traces = {name: trace(prometheus, expr, phases) for name, expr in TRACES.items()}
         circuit = spec.circuits[0].name
-        yield Timeline(shift, benign_start, webhook, prometheus, circuit, sent, traces)
+        yield Timeline(shift, jailbreak, benign_start, webhook, prometheus, circuit, sent, traces)
     finally:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
@@ -224,27 +283,22 @@ def test_no_alert_during_benign_traffic(timeline: Timeline) -> None:
     assert not early, f"false alarms during benign traffic: {early}"
 
 
-def alert_delays(timeline: Timeline) -> dict[str, float]:
+def alert_delays(timeline: Timeline, since: float) -> dict[str, float]:
+    """Alert name -> seconds from ``since`` to its first arrival (negative: before it)."""
     arrived = timeline.webhook.arrivals(since=timeline.shift)
-    delays = {name: round(at - timeline.shift, 1) for name, at in arrived.items()}
+    delays = {name: round(at - since, 1) for name, at in arrived.items()}
     print(f"\nshift -> webhook (s): {delays}; requests sent: {timeline.requests}")
     return delays
 
 
 def test_flagged_alert_arrives_after_the_shift(timeline: Timeline) -> None:
-    delays = alert_delays(timeline)
+    delays = alert_delays(timeline, since=timeline.shift)
     assert "CircuitwatchFlaggedRequests" in delays, f"never arrived; got {delays}"
     assert delays["CircuitwatchFlaggedRequests"] <= ALERT_WITHIN_S, delays
 
 
-# Measured (2026-11-29, harm spec calibrated at 1% FPR): the harmful_request detector's
-# anomaly scores stay under the threshold 4 during HarmBench traffic (p95 at most 3.0):
-# the benign composed requests' harm-probe means are heavy-tailed (p95 up to ~48 against
-# a p50 of about -5), so the robust z of a harmful request rarely passes 4. The verdict
-# threshold, calibrated on such traffic, does catch them. Strict: an improvement shows up.
-@pytest.mark.xfail(strict=True, reason="anomaly z of HarmBench requests stays under 4")
 def test_anomaly_alert_arrives_after_the_shift(timeline: Timeline) -> None:
-    delays = alert_delays(timeline)
+    delays = alert_delays(timeline, since=timeline.jailbreak)
     assert "CircuitwatchAnomalousActivity" in delays, f"never arrived; got {delays}"
     assert delays["CircuitwatchAnomalousActivity"] <= ALERT_WITHIN_S, delays
 
