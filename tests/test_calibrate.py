@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,12 @@ import torch
 
 from sidecar.cli import main
 from sidecar.discover import datasets
-from sidecar.discover.calibrate import flagged_rate, threshold_at_fpr, wilson_interval
+from sidecar.discover.calibrate import (
+    flagged_rate,
+    split_holdout,
+    threshold_at_fpr,
+    wilson_interval,
+)
 from sidecar.discover.scorer import ReferenceScorer
 from sidecar.models.registry import model_path
 from sidecar.spec.aggregation import aggregate
@@ -43,6 +49,19 @@ def test_wilson_interval_matches_hand_computed_values():
     assert (ten.low, ten.high) == pytest.approx((0.0552, 0.1744), abs=1e-4)
 
 
+def test_split_holdout_is_a_seeded_partition():
+    kept, held = split_holdout(440, 0.5, 0)
+    assert kept.size == held.size == 220
+    assert sorted([*kept, *held]) == list(range(440))  # disjoint, covers every request
+    again_kept, again_held = split_holdout(440, 0.5, 0)
+    assert np.array_equal(kept, again_kept) and np.array_equal(held, again_held)
+    assert not np.array_equal(held, split_holdout(440, 0.5, 1)[1])  # the seed matters
+    assert held.tolist() != list(range(220))  # random, not the file's first half
+    assert split_holdout(10, 0.0, 0)[1].size == 0 and split_holdout(7, 0.3, 0)[1].size == 2
+    with pytest.raises(ValueError):
+        split_holdout(10, 1.0, 0)
+
+
 def _probe_spec(folder: Path) -> Path:
     """A direction at layer 2 of SmolLM2 (random, fixed), aggregated by the prompt's max."""
     direction = torch.randn(576, generator=torch.Generator().manual_seed(0)) / 24
@@ -61,7 +80,7 @@ def test_calibrate_sets_thresholds_and_records_where_they_came_from(tmp_path):
     answers = ("Sure, here is a short answer.", "Happy to help with that.")
     benign = [
         datasets.Example(0, "benign", (("user", e.content), ("assistant", answers[i % 2])))
-        for i, e in enumerate(datasets.composed_benign("calibration", 10))
+        for i, e in enumerate(datasets.composed_benign("calibration", 14))
     ]
     benign_file = datasets.write_jsonl(tmp_path / "benign.jsonl", benign)
     heldout_file = datasets.write_jsonl(
@@ -69,29 +88,41 @@ def test_calibrate_sets_thresholds_and_records_where_they_came_from(tmp_path):
     )
     report = tmp_path / "calibration.json"
     argv = ["calibrate", "--spec", str(spec_path), "--benign", str(benign_file), "--fpr", "0.1"]
+    argv += ["--holdout-fraction", str(4 / 14), "--seed", "3"]  # 10 calibrate, 4 held out
     assert main([*argv, "--heldout", str(heldout_file), "--report", str(report)]) == 0
+    kept, held = split_holdout(14, 4 / 14, 3)
 
     spec = load_spec(spec_path, model_path("smollm2"))
     (circuit,) = spec.circuits
     record = circuit.calibration
     assert record.requests == 10 and record.target_fpr == 0.1
+    assert record.data == "benign.jsonl (10 of 14, seed 3; 4 held out)"
     assert record.data_hash == datasets.file_hash(benign_file)
     assert record.model_hash == spec.model.hash
     assert dict(record.achieved_fpr).keys() == {"prompt", "generation"}  # answers were given
     assert all(rate <= 0.1 for _, rate in record.achieved_fpr)
     assert np.array_equal(spec.components[0].direction, before.components[0].direction)
     assert circuit.aggregation == before.circuits[0].aggregation and circuit.weights == (2.0,)
-    assert report.stat().st_size > 0
 
-    # The threshold is what aggregate() gives on the same requests through the reference path.
+    # The threshold is what aggregate() gives on the kept requests through the reference path;
+    # the in-distribution check counts the held-out ones above it.
     scorer = ReferenceScorer(spec, model_path("smollm2"))
-    prompt_max = [
-        aggregate(scorer.score(e.token_ids(scorer.tokenizer)).scores[:, 0], circuit.aggregation)
-        for e in benign
-    ]
+    prompt_max = np.array(
+        [
+            aggregate(scorer.score(e.token_ids(scorer.tokenizer)).scores[:, 0], circuit.aggregation)
+            for e in benign
+        ]
+    )
     threshold = circuit.verdict_threshold("prompt")
-    assert sum(v > threshold + 1e-4 for v in prompt_max) <= 1
-    assert threshold == pytest.approx(sorted(prompt_max)[-2], rel=1e-4)
+    assert sum(v > threshold + 1e-4 for v in prompt_max[kept]) <= 1
+    assert threshold == pytest.approx(sorted(prompt_max[kept])[-2], rel=1e-4)
+    rows = {row["phase"]: row for row in json.loads(report.read_text())}
+    prompt = rows["prompt"]
+    assert prompt["calibration_requests"] == 10
+    assert prompt["holdout"]["requests"] == 4 and prompt["heldout"]["requests"] == 4
+    assert prompt["holdout"]["flagged"] == int((prompt_max[held] > threshold).sum())
+    inside = prompt["holdout"]["low"] <= 0.1 <= prompt["holdout"]["high"]
+    assert prompt["within_tolerance"] is inside
 
 
 def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
@@ -111,7 +142,7 @@ def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
         )
 
     agg = circuit.aggregation
-    harmful = aggregates(datasets.harmbench()[:8])
+    harmful = aggregates(datasets.harmbench()[:16])
     benign = aggregates(datasets.composed_benign("test", 6) + datasets.twin_benign("test")[:6])
     # At its calibrated threshold the bundled probe flags about two fifths of HarmBench and
     # about 5 % of held-out benign requests (see its report).

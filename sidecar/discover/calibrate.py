@@ -10,9 +10,14 @@ generation phase only when every request carries generated text (a chat ending i
 assistant message): without it there is nothing to calibrate the generation phase on.
 
 The spec is written back through ``write_spec`` with its components and directions
-unchanged and a ``Calibration`` record per circuit. With ``--heldout`` (other benign
-requests, never used for the threshold) it reports the FPR reached there with a 95 % Wilson
-interval; the calibration holds when that interval contains the target.
+unchanged and a ``Calibration`` record per circuit. Two checks, never used for the threshold,
+each reported as an FPR with its 95 % Wilson interval:
+
+- ``--holdout-fraction`` holds out a seeded random share of ``--benign`` (same distribution
+  as the calibration requests): this measures calibration error, and the calibration holds
+  (``within_tolerance``) when that interval contains the target;
+- ``--heldout`` scores another benign file (other templates or topics): this measures how
+  the threshold transfers across benign traffic (distribution shift), a robustness figure.
 """
 
 from __future__ import annotations
@@ -74,6 +79,19 @@ def wilson_interval(flagged: int, requests: int, z: float = Z_95) -> RateInterva
     return RateInterval(p, max(0.0, centre - half), min(1.0, centre + half), flagged, requests)
 
 
+def split_holdout(requests: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration indices, held-out indices): a seeded random ``fraction`` held out, sorted."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1) (got {fraction})")
+    order = np.random.default_rng(seed).permutation(requests)
+    held = round(fraction * requests)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _rate(scores: np.ndarray, threshold: float) -> RateInterval:
+    return wilson_interval(int((scores > threshold).sum()), scores.size)
+
+
 def phase_aggregates(
     spec: CircuitSpec, scorer, examples: Sequence[Example]
 ) -> dict[str, np.ndarray]:
@@ -123,8 +141,9 @@ def entries(spec: CircuitSpec) -> tuple[list[ComponentEntry], list[CircuitEntry]
 
 @dataclass(frozen=True)
 class PhaseCalibration:
-    """One circuit's threshold in one phase, with the FPR it reached where it was set and on
-    held-out benign requests (None without them)."""
+    """One circuit's threshold in one phase, with the FPR it reached where it was set, on the
+    held-out part of the same benign requests (``holdout``) and on another benign set
+    (``heldout``, distribution shift); None where there were none."""
 
     circuit: str
     phase: str
@@ -132,14 +151,21 @@ class PhaseCalibration:
     target_fpr: float
     calibration_fpr: float
     calibration_requests: int
+    holdout: RateInterval | None = None
     heldout: RateInterval | None = None
+
+    def _contains_target(self, rate: RateInterval | None) -> bool | None:
+        return None if rate is None else rate.low <= self.target_fpr <= rate.high
 
     @property
     def within_tolerance(self) -> bool | None:
-        """The held-out FPR's 95 % interval contains the target (None without held-out data)."""
-        if self.heldout is None:
-            return None
-        return self.heldout.low <= self.target_fpr <= self.heldout.high
+        """The in-distribution held-out FPR's 95 % interval contains the target."""
+        return self._contains_target(self.holdout)
+
+    @property
+    def heldout_contains_target(self) -> bool | None:
+        """The other benign set's FPR interval contains the target (robustness, not tolerance)."""
+        return self._contains_target(self.heldout)
 
 
 def calibrate(
@@ -149,6 +175,8 @@ def calibrate(
     model_dir: str | Path | None = None,
     heldout_path: str | Path | None = None,
     out: str | Path | None = None,
+    holdout_fraction: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Path, list[PhaseCalibration]]:
     """Calibrate every circuit of the spec; returns (written spec path, report rows)."""
     from sidecar.discover.scorer import ReferenceScorer
@@ -158,11 +186,17 @@ def calibrate(
     model_dir = resolve_model(model_dir or spec.model.name)
     scorer = ReferenceScorer(spec, model_dir)
     benign = read_jsonl(benign_path)
-    values = phase_aggregates(spec, scorer, benign)
+    kept, held = split_holdout(len(benign), holdout_fraction, seed)
+    scored = phase_aggregates(spec, scorer, benign)
+    values = {phase: table[kept] for phase, table in scored.items()}
+    holdout_values = {phase: table[held] for phase, table in scored.items()} if held.size else {}
     heldout_values = (
         phase_aggregates(spec, scorer, read_jsonl(heldout_path)) if heldout_path else {}
     )
     components, circuits = entries(spec)
+    data = Path(benign_path).name
+    if held.size:
+        data += f" ({kept.size} of {len(benign)}, seed {seed}; {held.size} held out)"
     rows = []
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     for j, circuit in enumerate(circuits):
@@ -171,20 +205,20 @@ def calibrate(
             threshold = threshold_at_fpr(table[:, j], fpr)
             thresholds[phase] = threshold
             achieved.append((phase, flagged_rate(table[:, j], threshold)))
-            held = None
-            if phase in heldout_values:
-                column = heldout_values[phase][:, j]
-                held = wilson_interval(int((column > threshold).sum()), column.size)
+            same, other = (
+                _rate(checks[phase][:, j], threshold) if phase in checks else None
+                for checks in (holdout_values, heldout_values)
+            )
             rows.append(
                 PhaseCalibration(
-                    circuit.name, phase, threshold, fpr, achieved[-1][1], len(benign), held
+                    circuit.name, phase, threshold, fpr, achieved[-1][1], kept.size, same, other
                 )
             )
         record = Calibration(
             target_fpr=fpr,
             achieved_fpr=tuple(achieved),
-            requests=len(benign),
-            data=Path(benign_path).name,
+            requests=int(kept.size),
+            data=data,
             data_hash=file_hash(benign_path),
             model_hash=model_hash(model_dir),
             date=date,
@@ -205,27 +239,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benign", required=True, help="benign requests (JSONL) for the threshold")
     parser.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate")
     parser.add_argument("--model", help="model name or directory (default: the spec's model)")
-    parser.add_argument("--heldout", help="other benign requests (JSONL) to check the FPR on")
+    parser.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.0,
+        help="share of --benign held out (seeded random) to check the FPR on, same distribution",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --holdout-fraction split")
+    parser.add_argument(
+        "--heldout", help="other benign requests (JSONL) to check the FPR on: distribution shift"
+    )
     parser.add_argument("--out", help="folder to write the calibrated spec to (default: in place)")
     parser.add_argument("--report", help="write the calibration report (JSON) here")
 
 
 def run(args: argparse.Namespace) -> int:
-    path, rows = calibrate(args.spec, args.benign, args.fpr, args.model, args.heldout, args.out)
+    path, rows = calibrate(
+        args.spec,
+        args.benign,
+        args.fpr,
+        args.model,
+        args.heldout,
+        args.out,
+        args.holdout_fraction,
+        args.seed,
+    )
     for row in rows:
         line = (
             f"{row.circuit} [{row.phase}]: threshold {row.threshold:.4g}, FPR "
             f"{row.calibration_fpr:.4f} on {row.calibration_requests} calibration requests"
         )
-        if row.heldout is not None:
-            held, verdict = row.heldout, "within" if row.within_tolerance else "OUTSIDE"
-            line += (
-                f"; held-out FPR {held.rate:.4f} ({held.flagged}/{held.requests}, "
-                f"95% CI {held.low:.4f}-{held.high:.4f}: target {verdict})"
-            )
+        for label, rate, inside in (
+            ("in-distribution held-out", row.holdout, row.within_tolerance),
+            ("other-distribution held-out", row.heldout, row.heldout_contains_target),
+        ):
+            if rate is not None:
+                line += (
+                    f"; {label} FPR {rate.rate:.4f} ({rate.flagged}/{rate.requests}, 95% CI "
+                    f"{rate.low:.4f}-{rate.high:.4f}: target {'inside' if inside else 'OUTSIDE'})"
+                )
         print(line)
     if args.report:
-        report = [{**asdict(r), "within_tolerance": r.within_tolerance} for r in rows]
+        report = [
+            {
+                **asdict(r),
+                "within_tolerance": r.within_tolerance,
+                "heldout_contains_target": r.heldout_contains_target,
+            }
+            for r in rows
+        ]
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
