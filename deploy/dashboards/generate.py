@@ -233,11 +233,16 @@ def rows() -> tuple[Row, ...]:
             ),
             Panel(
                 "Ingest errors",
-                "Batches per second the sidecars rejected, by reason.",
+                "Batches per second the sidecars rejected, by reason, and malformed trace "
+                "contexts per second (those requests' spans start traces of their own).",
                 (
                     Query(
                         f"sum by (reason) (rate(circuitwatch_ingest_errors_total{RATE}))",
                         "{{reason}}",
+                    ),
+                    Query(
+                        f"sum(rate(circuitwatch_trace_context_invalid_total{RATE}))",
+                        "malformed traceparent",
                     ),
                 ),
                 width=6,
