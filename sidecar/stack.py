@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         prometheus = start_prometheus(
             workdir / "prometheus", config, scaled_rules(RULES.read_text(), args.scale)
         )
+        # `kill` (SIGTERM, what a terminal closing or a supervisor sends) stops it the way
+        # Ctrl-C does, so the engine, Prometheus and Alertmanager never outlive it.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             prometheus.wait_ready()
             alertmanager.wait_ready()
@@ -120,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
             engine_log.close()
             prometheus.stop()
             alertmanager.stop()
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _where_to_look(api, served, metrics, prometheus, alertmanager, workdir) -> str:
