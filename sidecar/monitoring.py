@@ -126,6 +126,15 @@ def alertmanager_config(
     }
 
 
+def stop_process(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not exited within ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def wait_until_up(url: str, process: subprocess.Popen, name: str, timeout: float) -> None:
     """Poll ``url`` until it answers; fail at once if ``process`` exits first."""
     deadline = time.monotonic() + timeout
@@ -163,11 +172,7 @@ class Server:
         wait_until_up(f"{self.url}/-/ready", self.process, name, timeout)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process, timeout=30)
         self._log.close()
 
 

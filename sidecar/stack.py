@@ -35,6 +35,7 @@ from sidecar.monitoring import (
     scaled_rules,
     start_alertmanager,
     start_prometheus,
+    stop_process,
     wait_until_up,
 )
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SPEC
@@ -116,11 +117,7 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 0
         finally:
-            engine.terminate()
-            try:
-                engine.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                engine.kill()
+            stop_process(engine, timeout=60)
             engine_log.close()
             prometheus.stop()
             alertmanager.stop()

@@ -50,6 +50,13 @@ def make_tiny_llama(model_dir: Path, seed: int = 0, init_std: float = 0.1) -> Pa
     return model_dir
 
 
+def one_hot_pattern(targets: list[int]) -> torch.Tensor:
+    """[T, T] attention where query q puts all its weight on key targets[q]."""
+    pattern = torch.zeros(len(targets), len(targets))
+    pattern[torch.arange(len(targets)), torch.tensor(targets)] = 1.0
+    return pattern
+
+
 def write_spec(folder: Path, model_dir: Path, components: list[dict], seed: int = 1) -> Path:
     """A spec for ``model_dir``; a component ``direction: <width>`` gets a random direction."""
     folder.mkdir(parents=True, exist_ok=True)

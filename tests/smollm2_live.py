@@ -18,6 +18,7 @@ from pathlib import Path
 
 from test_openai_server import _free_port, _get, _wait_until
 
+from sidecar.monitoring import stop_process
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
 from sidecar.server.records import CollectingSink, RequestRecord
 
@@ -73,11 +74,7 @@ def openai_server(
         print(f"--- vLLM log ---\n{log_path.read_text()[-6000:]}")
         raise
     finally:
-        vllm.terminate()
-        try:
-            vllm.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            vllm.kill()
+        stop_process(vllm, timeout=60)
         log.close()
 
 

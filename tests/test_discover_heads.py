@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from probe_engine_helpers import make_tiny_llama, one_hot_pattern
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sidecar.cli import main
@@ -34,13 +35,6 @@ from sidecar.discover.induction import (
 )
 from sidecar.models.registry import REFERENCE_DIR, ModelNotInstalled, model_path
 from sidecar.spec.load import load_spec
-from tests.probe_engine_helpers import make_tiny_llama
-
-
-def one_hot_pattern(targets: list[int]) -> torch.Tensor:
-    pattern = torch.zeros(len(targets), len(targets))
-    pattern[torch.arange(len(targets)), torch.tensor(targets)] = 1.0
-    return pattern
 
 
 def test_induction_score_without_bos():

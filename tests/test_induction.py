@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from probe_engine_helpers import one_hot_pattern
 
 from sidecar.discover.ablation import ablate_heads
 from sidecar.discover.induction import (
@@ -22,13 +23,6 @@ from sidecar.discover.induction import (
 )
 from sidecar.discover.probe_training import auroc, fit_logistic, train_repeat_probe
 from sidecar.models.registry import REFERENCE_DIR
-
-
-def one_hot_pattern(targets: list[int]) -> torch.Tensor:
-    """[T, T] attention where query q puts all its weight on key targets[q]."""
-    pattern = torch.zeros(len(targets), len(targets))
-    pattern[torch.arange(len(targets)), torch.tensor(targets)] = 1.0
-    return pattern
 
 
 def test_induction_score_of_a_perfect_induction_head_is_one():
