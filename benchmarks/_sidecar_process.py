@@ -23,6 +23,7 @@ from sidecar.monitoring import stop_process
 
 BATCHES = "circuitwatch_batches_received_total"
 TOKENS = "circuitwatch_tokens_sampled_total"
+SCORED = "circuitwatch_requests_scored_total"
 # Counters whose name says they count lost or refused work, whatever they are called.
 DROP_PATTERN = re.compile(r"^circuitwatch_\w*(drop|error|reject)\w*_total$")
 
@@ -119,6 +120,15 @@ def counters(scrape: Scrape, pattern: re.Pattern | str) -> Scrape:
     if isinstance(pattern, str):
         return {k: v for k, v in scrape.items() if k.split("{", 1)[0] == pattern}
     return {k: v for k, v in scrape.items() if pattern.match(k.split("{", 1)[0])}
+
+
+def books(scrape: Scrape) -> Scrape:
+    """What the soak keeps of a reading: batches, tokens, requests, drops and errors (the
+    score histograms are left out)."""
+    found = counters(scrape, DROP_PATTERN)
+    for name in (BATCHES, TOKENS, SCORED):
+        found.update(counters(scrape, name))
+    return found
 
 
 def total(scrape: Scrape | None, name: str) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks._common import REPO_ROOT, Spread, Table
-from benchmarks._sidecar_process import BATCHES, TOKENS, total
+from benchmarks._sidecar_process import BATCHES, SCORED, TOKENS, total
 from benchmarks.soak import BIN_S, FLOW_WINDOW_S, FLOW_WINDOWS, SoakResult
 
 RELIABILITY_MD = REPO_ROOT / "RELIABILITY.md"
@@ -26,11 +26,12 @@ def tables(result: SoakResult) -> list[Table]:
         f"Soak: {s.model}, {result.seconds / 60:.1f} min of load from {s.clients} clients "
         f"(max {s.max_tokens} tokens), a sidecar fault every {s.restart_every_s:g} s "
         f"({s.outage_s:g} s each)",
-        ("requests served", "failed", "output tokens",
+        ("requests served", "failed", "output tokens", "latency p50 / p99 s",
          f"tokens/s, {BIN_S:g}-s bins without a fault", "tokens/s, bins with a fault"),
         ((f"{result.requests_served:,}", f"{result.requests_failed:,}",
-          f"{result.output_tokens:,}", _spread(result.tokens_per_s(False)),
-          _spread(result.tokens_per_s(True))),),
+          f"{result.output_tokens:,}",
+          f"{result.latency_s['p50']:.1f} / {result.latency_s['p99']:.1f}",
+          _spread(result.tokens_per_s(False)), _spread(result.tokens_per_s(True))),),
     )  # fmt: skip
     faults = Table(
         "Sidecar faults: seconds from the sidecar accepting again (new process listening, or "
@@ -55,6 +56,7 @@ def _books(result: SoakResult) -> Table:
                       for life in lives)),
         (BATCHES, *(f"{total(life.last, BATCHES):,.0f}" for life in lives)),
         (TOKENS, *(f"{total(life.last, TOKENS):,.0f}" for life in lives)),
+        (SCORED, *(f"{total(life.last, SCORED):,.0f}" for life in lives)),
     ]  # fmt: skip
     rows += [(key, *(f"{life.drops.get(key, 0):,.0f}" for life in lives)) for key in keys]
     if not keys:

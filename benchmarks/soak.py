@@ -52,13 +52,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks._chat_load import ChatLoad, Completion
-from benchmarks._common import RESULTS_DIR, Trend, load_note, machine_info, write_json
+from benchmarks._common import (
+    RESULTS_DIR,
+    Trend,
+    load_note,
+    machine_info,
+    percentiles,
+    write_json,
+)
 from benchmarks._processes import MemorySampler, descendants, start_ticks, tree_rss
 from benchmarks._sidecar_process import (
     BATCHES,
     DROP_PATTERN,
     Scrape,
     SidecarProcess,
+    books,
     counters,
     total,
 )
@@ -178,6 +186,7 @@ class SoakResult:
     requests_failed: int
     errors: list[str]  # distinct, at most 10
     output_tokens: int
+    latency_s: dict[str, float]  # of the requests served: p50, p99
     faults: list[Fault]
     incarnations: list[Incarnation]
     memory: dict[str, Trend]  # by role, after the warm-up
@@ -255,7 +264,7 @@ class Soak:
         scrape = self.sidecar.scrape() if not self.sidecar.paused else None
         if scrape is not None:
             incarnation = self.incarnations[-1]
-            incarnation.last = scrape
+            incarnation.last = books(scrape)
             self.batch_samples.append((self.now(), incarnation.index, total(scrape, BATCHES)))
         return scrape
 
@@ -333,7 +342,7 @@ def _engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]
             "--model", str(model_dir), "--served-model-name", settings.model,
             "--host", "127.0.0.1", "--port", str(port),
             "--gpu-memory-utilization", "0.2", "--no-enable-prefix-caching",
-            "--max-model-len", "1024", "--max-num-seqs", str(max(8, settings.clients)),
+            "--max-model-len", "512", "--max-num-seqs", str(max(8, settings.clients)),
             "--kv-cache-memory-bytes", str(settings.kv_cache_mib * 2**20)]  # fmt: skip
 
 
@@ -424,6 +433,7 @@ def _result(settings, soak, seconds, completions, faults, rss_samples) -> SoakRe
         requests_failed=len(failed),
         errors=list(dict.fromkeys(c.error for c in failed))[:10],
         output_tokens=sum(c.output_tokens for c in completions),
+        latency_s=percentiles([c.end_s - c.start_s for c in completions if c.ok]),
         faults=faults,
         incarnations=soak.incarnations,
         memory=memory,
