@@ -3,9 +3,10 @@
 Read from ``/proc`` (Linux, where vLLM's CPU build and this project run). vLLM's OpenAI
 server is one process tree: the API server (the process started), its engine core
 (``VLLM::EngineCore``, titled with setproctitle) and, on the CPU build, a separate worker
-(``VLLM::Worker_TP0``; the CPU platform always uses the multiprocess executor). Everything
-else in the tree (multiprocessing's resource tracker, torch's compile workers) is summed as
-"other". The tree is walked afresh at each sample, so processes that come and go are seen.
+(``VLLM::Worker``; ``VLLM::Worker_TP1`` ... under tensor parallelism; the CPU platform always
+uses the multiprocess executor). Everything else in the tree (multiprocessing's resource
+tracker, torch's compile workers) is summed as "other". The tree is walked afresh at each
+sample, so processes that come and go are seen.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def descendants(root: int) -> set[int]:
 
 
 def role(pid: int) -> str:
-    """``engine_core``, ``worker_tp0`` ... from a ``VLLM::<Name>`` process title; else OTHER."""
+    """``engine_core``, ``worker``, ``worker_tp1`` ... from a ``VLLM::<Name>`` title; else OTHER."""
     try:
         title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
     except (OSError, UnicodeDecodeError):

@@ -79,7 +79,7 @@ RECONNECT_WAIT_S = 60.0
 WARMUP = 0.2
 RECONNECT_TARGET_S = 1.0
 RSS_GROWTH_LIMIT = (64.0, 0.10)  # MiB, share of the start: whichever is larger
-ENGINE_ROLES = ("api_server", "engine_core", "worker_tp0")
+ENGINE_ROLES = ("api_server", "engine_core", "worker")
 
 
 @dataclass(frozen=True)

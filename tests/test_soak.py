@@ -18,6 +18,7 @@ from benchmarks._common import Trend  # noqa: E402
 from benchmarks._processes import descendants, role, tree_rss  # noqa: E402
 from benchmarks._sidecar_process import DROP_PATTERN, counters, total  # noqa: E402
 from benchmarks.soak import (  # noqa: E402
+    ENGINE_ROLES,
     Fault,
     Settings,
     first_batch_at,
@@ -128,7 +129,7 @@ def test_engine_memory_stays_bounded(soak, tmp_path):
 
     print({role: trend for role, trend in soak.memory.items()})
     assert {"api_server", "engine_core"} <= set(soak.memory)
-    for engine_role in ("api_server", "engine_core", "worker_tp0"):
+    for engine_role in ENGINE_ROLES:
         if engine_role in soak.memory:
             assert soak.rss_bounded(engine_role), (engine_role, soak.memory[engine_role])
     assert 0 < soak.sidecar_rss_mib_max < 1024
