@@ -9,6 +9,7 @@ from benchmarks._sidecar_process import BATCHES, SCORED, TOKENS, total
 from benchmarks.soak import BIN_S, FLOW_WINDOW_S, FLOW_WINDOWS, SoakResult
 
 RELIABILITY_MD = REPO_ROOT / "RELIABILITY.md"
+_GAP_S = 5.0  # no reading for longer: the sidecar was down or stopped
 _FAULT_COLOURS = {"kill": "tab:red", "stop": "tab:orange"}
 
 
@@ -152,15 +153,19 @@ def plot(result: SoakResult, path: Path) -> Path:
 
 
 def _batch_rates(result: SoakResult) -> tuple[list[float], list[float]]:
-    """Batches/s of one incarnation over at least a second (minutes, rate)."""
+    """Batches/s of one incarnation over at least a second (minutes, rate); NaN (a break in
+    the line) where readings stop: a restart or a stop."""
     times, rates = [], []
     last = None
     for t, life, batches in result.batch_samples:
-        if last is not None and last[1] == life:
-            if t - last[0] < 1.0:
-                continue
+        if last is not None and last[1] == life and t - last[0] < 1.0:
+            continue
+        if last is not None and last[1] == life and t - last[0] <= _GAP_S:
             times.append(t / 60)
             rates.append((batches - last[2]) / (t - last[0]))
+        elif last is not None:
+            times.append(t / 60)
+            rates.append(float("nan"))
         last = (t, life, batches)
     return times, rates
 

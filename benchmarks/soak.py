@@ -30,7 +30,7 @@ Figures:
   RSS                           every ``--sample-every`` s, from /proc: the API server, the
                                 engine core, the worker, other engine children, the sidecar;
                                 start / end / slope after a 20 % warm-up
-  throughput                    output tokens/s in 10-s bins, bins touched by a fault
+  throughput                    output tokens/s in 30-s bins, bins touched by a fault
                                 (until batches flow again) apart from the others
 
 Output: a table per figure, ``benchmarks/results/soak-<model>.json`` and ``.png`` (RSS per
@@ -72,7 +72,7 @@ from benchmarks._sidecar_process import (
 )
 
 ENGINE_START_S = 900
-BIN_S = 10.0
+BIN_S = 30.0  # a request's tokens count when it ends; SmolLM2's take 15 s here
 POLL_S = 0.05
 FLOW_WINDOW_S, FLOW_WINDOWS = 0.5, 3
 RECONNECT_WAIT_S = 60.0

@@ -18,6 +18,7 @@ from benchmarks._common import Trend  # noqa: E402
 from benchmarks._processes import descendants, role, tree_rss  # noqa: E402
 from benchmarks._sidecar_process import DROP_PATTERN, counters, total  # noqa: E402
 from benchmarks.soak import (  # noqa: E402
+    BIN_S,
     ENGINE_ROLES,
     Fault,
     Settings,
@@ -47,9 +48,10 @@ def test_first_batch_and_flowing():
 
 
 def test_throughput_bins_mark_the_bins_a_fault_touches():
-    completions = [Completion(0, t, True, 10) for t in (1, 2, 12, 25)]
-    completions.append(Completion(0, 3, False, 0, "boom"))
-    bins = throughput_bins(completions, 30.0, [Fault("kill", 11.0, 15.0, 0.5, 0.8)])
+    completions = [Completion(0, t * BIN_S, True, 10) for t in (0.1, 0.2, 1.2, 2.5)]
+    completions.append(Completion(0, 0.3 * BIN_S, False, 0, "boom"))
+    fault = Fault("kill", 1.1 * BIN_S, 1.5 * BIN_S, 0.5, 0.8)
+    bins = throughput_bins(completions, 3.2 * BIN_S, [fault])
     assert [(b.requests, b.output_tokens, b.faulted) for b in bins] == [
         (2, 20, False),
         (1, 10, True),
