@@ -22,7 +22,7 @@ LEGACY_DROPPED = "circuitwatch_samples_dropped_total"
 
 def message(rank=0, step=1, shipped=3, dropped=None, engine="e1", world_size=1, **fields):
     """A three-row batch (requests x, y; components 0-2) with the sender's books."""
-    ids = [[0, 1, 2]] if world_size == 1 else [[0, 1], [2]][rank]  # each rank its columns
+    ids = [0, 1, 2] if world_size == 1 else [[0, 1], [2]][rank]  # each rank its columns
     batch = rank_batch(rank, step, ids, np.ones((3, len(ids))), world_size=world_size)
     return replace(
         batch,
