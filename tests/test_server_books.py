@@ -71,7 +71,7 @@ def test_a_probes_drops_count_once_however_often_it_reconnects():
 
 
 def test_messages_that_never_arrived_are_lost_in_transit_and_late_ones_are_refused():
-    pipeline, registry, _ = make_pipeline()
+    pipeline, registry, sink = make_pipeline()
     feed(pipeline, message(step=1, shipped=3))
     # Steps 2 and 3 (6 rows) were handed to a stream that broke; step 4 came on the next.
     feed(pipeline, message(step=4, shipped=12))
@@ -80,6 +80,18 @@ def test_messages_that_never_arrived_are_lost_in_transit_and_late_ones_are_refus
     with pytest.raises(Rejected) as stale:
         pipeline.receive(message(step=3, shipped=9))
     assert stale.value.reason == "stale"
+    assert books(registry) == (12, 6, {LOST_IN_TRANSIT: 6})
+    # A message of finished requests only has no rows: its total is the last one's.
+    finish_only = replace(
+        message(step=5, shipped=12, finished_request_ids=["x"]),
+        request_ids=[],
+        request_index=np.zeros(0, np.uint32),
+        positions=np.zeros(0, np.int32),
+        phases=np.zeros(0, np.uint8),
+        values=np.zeros((0, 3), np.float32),
+    )
+    feed(pipeline, finish_only)
+    assert [r.request_id for r in sink.records] == ["x"]
     assert books(registry) == (12, 6, {LOST_IN_TRANSIT: 6})
 
 

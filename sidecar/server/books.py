@@ -57,12 +57,14 @@ class Books:
         self._senders: OrderedDict[tuple[str, int], _Sender] = OrderedDict()
 
     def is_stale(self, batch: TokenBatch) -> bool:
-        """True for a message already counted lost in transit (a later one arrived first)."""
+        """True for a message whose rows were already counted lost in transit (a later one
+        arrived first). A message without rows (only finished requests) is never stale: its
+        total does not tell it from the message before it."""
         sender = self._senders.get((batch.engine_id, batch.rank))
         return (
             sender is not None
-            and batch.shipped_tokens_total > 0
-            and batch.shipped_tokens_total <= sender.shipped
+            and batch.num_tokens > 0
+            and 0 < batch.shipped_tokens_total <= sender.shipped
         )
 
     def receive(self, batch: TokenBatch, model_name: str) -> None:
