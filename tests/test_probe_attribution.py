@@ -166,6 +166,19 @@ def test_fraction_is_deterministic_per_token_whatever_the_batch():
     assert other != kept_alone  # a different request draws different tokens
 
 
+@pytest.mark.parametrize(
+    "policy", [SamplePolicy(fraction=0.3), SamplePolicy(cap=5), SamplePolicy(fraction=1.0)]
+)
+def test_count_is_what_select_keeps_of_the_step_the_model_runs(policy):
+    # What a drop before the rows are read loses: the layout alone must tell.
+    step = StepLayout(
+        ["a-1", "b-2", "c-3"], np.array([40, 1, 3]), np.array([60, 9, 20]), np.array([0, 11, 17])
+    )
+    positions = np.concatenate([np.arange(40), [11], [17, 18, 19], np.zeros(4)])  # padded
+    kept = policy.select(attribute(step, positions), step.req_ids, [44])
+    assert policy.count(step) == kept.shape[0]
+
+
 def test_fraction_one_keeps_everything():
     assert SamplePolicy(fraction=1.0).select(rows_of([0, 1, 0]), ["r"], [3]).tolist() == [0, 1, 2]
 

@@ -58,7 +58,7 @@ def make_drain(sample: str = "512", ring_rows: int = 64, randomized: bool = True
     return Drain(taps, identity, SamplePolicy.parse(sample), drops, ring_rows), taps, drops
 
 
-def run_step(drain: Drain, taps: TapSet, step: int, requests, finished=()):
+def run_step(drain: Drain, taps: TapSet, step: int, requests, finished=(), prefix_cached=None):
     """Fill the taps as a forward would: requests = [(internal id, prompt len, positions)]."""
     positions = [p for _, _, ps in requests for p in ps]
     n = len(positions)
@@ -70,8 +70,9 @@ def run_step(drain: Drain, taps: TapSet, step: int, requests, finished=()):
         [r for r, _, _ in requests],
         np.array([len(ps) for _, _, ps in requests], np.int64),
         np.array([p for _, p, _ in requests], np.int64),
+        np.array([ps[0] for _, _, ps in requests], np.int64),
     )
-    return drain.collect(step, layout, list(finished))
+    return drain.collect(step, layout, list(finished), prefix_cached)
 
 
 def test_steps_gathered_into_one_batch_keep_each_steps_rows_and_finished_requests():
@@ -116,6 +117,27 @@ def test_a_full_ring_drops_the_step_and_counts_its_tokens():
     assert drops.snapshot() == {DRAIN_BACKLOG: 2}
     held.discard()
     assert run_step(drain, taps, 3, [("b-0000000b", 2, [0, 1])]) is not None
+
+
+def test_drops_count_the_tokens_the_sample_policy_would_have_kept():
+    drain, taps, drops = make_drain(sample="2", ring_rows=4)
+    held = run_step(drain, taps, 1, [("a-0000000a", 3, [0, 1, 2])])
+    assert (held.rows, held.tokens) == (3, 2)  # a queue drop of it loses 2 sampled tokens
+    assert run_step(drain, taps, 2, [("b-0000000b", 3, [0, 1, 2])]) is None
+    assert drops.snapshot() == {DRAIN_BACKLOG: 2}
+
+
+def test_prefix_cached_tokens_go_with_the_first_batch_naming_the_request():
+    drain, taps, _ = make_drain()
+    first = run_step(
+        drain, taps, 1, [("a-0000000a", 8, [5, 6, 7])], prefix_cached={"a-0000000a": 5}
+    )
+    batch = drain.resolve([first])
+    assert batch.prefix_cached_tokens == {"a": 5}
+    assert (
+        drain.resolve([run_step(drain, taps, 2, [("a-0000000a", 8, [8])])]).prefix_cached_tokens
+        == {}
+    )
 
 
 def test_discarded_steps_cannot_be_read():

@@ -57,6 +57,9 @@ def test_each_rank_ships_its_columns_for_the_same_rows(setup):
         for rank in (0, 1)
     }
     assert by_rank[0].keys() == by_rank[1].keys() and by_rank[0]
+    # One engine: one identity on both ranks (the sidecar joins their steps by it).
+    (engine_id,) = {b.engine_id for b in batches}
+    assert engine_id.endswith("-dp0") and len(engine_id) > len("-dp0")
     for step, first in by_rank[0].items():
         second = by_rank[1][step]
         assert first.request_ids == second.request_ids

@@ -90,7 +90,7 @@ def _two_steps() -> TokenBatch:
 
 
 def test_a_batch_of_several_steps_round_trips_and_splits_into_its_steps():
-    batch = _two_steps()
+    batch = replace(_two_steps(), prefix_cached_tokens={"b": 32}, engine_id="e-dp0")
     back = from_message(ingest_pb2.SampleBatch.FromString(to_message(batch).SerializeToString()), 2)
     assert (back.steps, back.step_tokens, back.step_finished) == ((7, 9), (2, 1), (1, 0))
     first, second = back.split_steps()
@@ -98,6 +98,23 @@ def test_a_batch_of_several_steps_round_trips_and_splits_into_its_steps():
     assert first.request_index.tolist() == [0, 1] and first.positions.tolist() == [4, 5]
     assert (second.steps, second.request_ids, second.finished_request_ids) == ((9,), ["b"], [])
     assert second.request_index.tolist() == [0] and second.values.tolist() == [[4.0, 5.0]]
+    # A request's start goes with its first step only; the engine with every step.
+    assert (first.prefix_cached_tokens, second.prefix_cached_tokens) == ({"b": 32}, {})
+    assert first.engine_id == second.engine_id == "e-dp0"
+
+
+def test_the_books_round_trip_and_a_total_below_the_batch_is_malformed():
+    batch = replace(
+        _batch(),
+        shipped_tokens_total=10,
+        base_shipped_tokens_total=4,
+        base_dropped_total={"queue_full": 1},
+    )
+    back = from_message(ingest_pb2.SampleBatch.FromString(to_message(batch).SerializeToString()), 2)
+    assert (back.shipped_tokens_total, back.base_shipped_tokens_total) == (10, 4)
+    assert back.base_dropped_total == {"queue_full": 1}
+    with pytest.raises(MalformedBatch, match="shipped_tokens_total: 2 is less"):
+        from_message(to_message(replace(batch, shipped_tokens_total=2)), 2)
 
 
 def test_a_one_step_message_from_an_older_probe_still_reads():

@@ -81,19 +81,26 @@ class Serve:
             time.sleep(0.002)
         raise AssertionError("circuitwatch serve did not accept connections in time")
 
-    def batches(self, model_name: str | None = None) -> float:
-        """Batches received, from /metrics; only those labelled ``model_name`` if given."""
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """(labels, value) of every sample of metric ``name`` on /metrics; [] if unreachable."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=1) as r:
                 text = r.read().decode()
         except OSError:
-            return 0.0
-        return sum(
-            sample.value
+            return []
+        return [
+            (sample.labels, sample.value)
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == "circuitwatch_batches_received_total"
-            and model_name in (None, sample.labels["model_name"])
+            if sample.name == name
+        ]
+
+    def batches(self, model_name: str | None = None) -> float:
+        """Batches received, from /metrics; only those labelled ``model_name`` if given."""
+        return sum(
+            value
+            for labels, value in self.samples("circuitwatch_batches_received_total")
+            if model_name in (None, labels["model_name"])
         )
 
     def wait_first_batch(self, timeout_s: float = 30.0) -> float:

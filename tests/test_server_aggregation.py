@@ -185,6 +185,8 @@ def test_ranks_are_joined_by_step_whatever_the_arrival_order():
     joiner = RankJoiner(timeout=1.0)
     assert joiner.add(rank_batch(1, 7, [2], [[3], [6], [9]], finished=["y"]), 0.0).joined == []
     (joined,) = joiner.add(rank_batch(0, 7, [0, 1], [[1, 2], [4, 5], [7, 8]]), 0.1).joined
+    assert joined.ranks == (0, 1)
+    joined = joined.batch
     assert joined.component_ids.tolist() == [0, 1, 2]
     assert joined.values.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert joined.finished_request_ids == ["y"]
@@ -199,12 +201,12 @@ def test_ranks_that_gather_steps_differently_are_still_joined_step_by_step():
     step_2.request_index[:] = 1
     assert joiner.add(gathered(step_1, step_2), 0.0).joined == []
     # ...rank 1 sends them one at a time.
-    (first,) = joiner.add(rank_batch(1, 1, [1], [[10], [20], [30]]), 0.1).joined
+    (first,) = (j.batch for j in joiner.add(rank_batch(1, 1, [1], [[10], [20], [30]]), 0.1).joined)
     assert first.steps == (1,) and first.values.tolist() == [[1, 10], [2, 20], [3, 30]]
     assert first.finished_request_ids == []
     step_2_rank_1 = rank_batch(1, 2, [1], [[40]], positions=(3,))
     step_2_rank_1.request_index[:] = 1
-    (second,) = joiner.add(gathered(step_2_rank_1), 0.2).joined
+    (second,) = (j.batch for j in joiner.add(gathered(step_2_rank_1), 0.2).joined)
     assert second.steps == (2,) and second.request_ids == ["y"]
     assert second.values.tolist() == [[4, 40]] and second.finished_request_ids == ["x"]
     assert len(joiner) == 0
@@ -220,7 +222,9 @@ def test_join_refuses_disagreeing_ranks_and_duplicates_but_keeps_the_other_steps
     outcome = joiner.add(gathered(bad_1, rank_batch(1, 2, [1], [[1], [2], [3]])), 0.0)
     (mismatch,) = outcome.errors
     assert mismatch.reason == "tp_mismatch" and "differ" in str(mismatch)
-    assert [b.steps for b in outcome.joined] == [(2,)]
+    assert [j.batch.steps for j in outcome.joined] == [(2,)]
+    # The books: the parts the errors cost, each its own rank's.
+    assert [(p.rank, p.steps) for p in outcome.refused] == [(0, (1,)), (1, (1,))]
 
 
 def test_incomplete_joins_time_out_or_overflow():
@@ -234,15 +238,15 @@ def test_incomplete_joins_time_out_or_overflow():
     assert len(joiner) == 1
 
 
-def test_steps_given_up_count_once_through_rank_zero():
-    # A missing rank 0 part means rank 0 dropped the step and counted it itself (or it is
-    # late and will count when its own wait expires): counting here too would count twice.
+def test_steps_given_up_are_reported_by_the_rank_of_each_part():
     joiner = RankJoiner(timeout=1.0, max_pending=1)
     joiner.add(rank_batch(1, 1, [2], [[3], [6], [9]]), 0.0)
-    assert joiner.add(rank_batch(1, 2, [2], [[3], [6], [9]]), 0.1).dropped == []
-    assert joiner.expire(2.0) == []
-    joiner.add(rank_batch(0, 3, [0, 1], [[1, 2], [4, 5], [7, 8]]), 2.0)
-    assert [(d.reason, d.tokens) for d in joiner.expire(3.5)] == [("tp_join_timeout", 3)]
+    overflow = joiner.add(rank_batch(1, 2, [2], [[3], [6], [9]]), 0.1).dropped
+    assert [(d.rank, d.reason, d.tokens) for d in overflow] == [(1, "tp_join_overflow", 3)]
+    assert joiner.expire(0.5) == []
+    assert [(d.rank, d.reason, d.tokens) for d in joiner.expire(2.0)] == [(1, "tp_join_timeout", 3)]
+    joiner.add(rank_batch(0, 3, [0, 1], [[1, 2]], positions=(0,)), 2.0)
+    assert [(d.rank, d.reason, d.tokens) for d in joiner.expire(3.5)] == [(0, "tp_join_timeout", 1)]
 
 
 def make_pipeline(spec=None, **kwargs):

@@ -57,6 +57,8 @@ def test_span_covers_the_request_and_carries_its_aggregates():
         "gen_ai.request.id": "cmpl-1",
         "gen_ai.request.model": "tiny",
         "circuitwatch.finished_by": "idle",
+        "circuitwatch.engine_id": "",
+        "circuitwatch.prefix_cached_tokens": 0,
         "circuitwatch.tokens.prompt": 3,
         "circuitwatch.circuit.induction.prompt.mean": 0.5,
         "circuitwatch.circuit.induction.prompt.max": 2.0,

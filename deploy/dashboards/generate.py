@@ -273,6 +273,41 @@ def rows() -> tuple[Row, ...]:
                 ),
                 width=6,
             ),
+            Panel(
+                "Probe books",
+                "Per rank, tokens per second the probes sampled, and what became of them: "
+                "scored, or dropped by reason (lost_in_transit: handed to a stream that broke). "
+                "Sampled = scored + dropped.",
+                (
+                    Query(
+                        "sum by (rank) "
+                        f"(rate(circuitwatch_probe_sampled_tokens_total{{{MODEL}}}{RATE}))",
+                        "sampled rank {{rank}}",
+                    ),
+                    Query(
+                        "sum by (rank) "
+                        f"(rate(circuitwatch_probe_scored_tokens_total{{{MODEL}}}{RATE}))",
+                        "scored rank {{rank}}",
+                    ),
+                    Query(
+                        "sum by (rank, reason) "
+                        f"(rate(circuitwatch_probe_dropped_tokens_total{{{MODEL}}}{RATE}))",
+                        "{{reason}} rank {{rank}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Prefix-cached prompt tokens",
+                "Prompt tokens per second served from the engine's prefix cache: no probe sees "
+                "them, so prompt aggregates cover only the uncached tail.",
+                (
+                    Query(
+                        "sum by (model_name) "
+                        f"(rate(circuitwatch_prefix_cached_tokens_total{{{MODEL}}}{RATE}))",
+                        "{{model_name}}",
+                    ),
+                ),
+            ),
         ),
     )
     return (overview, activity, anomaly, per_circuit, pipeline)

@@ -100,6 +100,7 @@ class WorkerProbe:
             rank=engine.rank,
             world_size=engine.world_size,
             randomized_ids=engine.randomized_ids,
+            engine_id=engine.engine_id,
         )
         # Room for a few forwards' worth of steps while the shipper gathers and sends.
         ring_rows = RING_FORWARDS * engine.max_tokens_per_forward
@@ -140,7 +141,9 @@ class WorkerProbe:
                 layout = StepLayout.empty()
             else:
                 return
-            pending = self.drain.collect(self.steps, layout, step.finished)
+            pending = self.drain.collect(
+                self.steps, layout, step.finished, dict(step.prefix_cached)
+            )
             if pending is not None:
                 self.shipper.submit(pending)
         except Exception:

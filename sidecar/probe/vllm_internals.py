@@ -20,9 +20,15 @@ to the ``vllm`` package, line numbers those of 0.32.0.
                          ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`` (232)
     key_compile_cache    ``config/vllm.py``: ``VllmConfig.additional_config`` (421), hashed
                          into the compile-cache key (549)
+    engine_view          also ``VllmConfig.instance_id`` (425, set per engine at config
+                         creation, 1417) and ``parallel_config.data_parallel_rank``: the
+                         engine's identity (``engine_id``)
     read_step            ``v1/core/sched/output.py`` ``SchedulerOutput`` (scheduled_new_reqs
-                         236, num_scheduled_tokens 244, total_num_scheduled_tokens 247,
-                         finished_req_ids 260); the model runners' batch (``step_layout``)
+                         236, scheduled_cached_reqs, num_scheduled_tokens 244,
+                         total_num_scheduled_tokens 247, finished_req_ids 260;
+                         ``NewRequestData.num_computed_tokens`` 48 and
+                         ``CachedRequestData.num_computed_tokens`` 151); the model runners'
+                         batch (``step_layout``)
     carry_trace_context  ``v1/request.py`` ``Request.trace_headers`` (196) and
                          ``sampling_params``; ``sampling_params.py`` ``extra_args`` (412)
     external_request_id  ``v1/engine/input_processor.py`` 371: ``f"{id}-{random_uuid():.8}"``
@@ -175,6 +181,7 @@ class EngineView:
     world_size: int
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None
     randomized_ids: bool  # vLLM adds a random suffix to request ids (``external_request_id``)
+    engine_id: str  # the same on every tensor-parallel rank of one engine, new per engine
     compile_configs: list[Any]  # VllmConfig objects whose hash keys the compile cache
 
 
@@ -208,8 +215,18 @@ def engine_view(worker: Any) -> EngineView:
         world_size=world_size,
         all_reduce=tensor_model_parallel_all_reduce if world_size > 1 else None,
         randomized_ids=not envs.VLLM_DISABLE_REQUEST_ID_RANDOMIZATION,
+        engine_id=engine_id(vllm_config),
         compile_configs=list(configs.values()),
     )
+
+
+def engine_id(vllm_config: Any) -> str:
+    """``<instance id>-dp<data-parallel rank>``: the config (and its ``instance_id``, a
+    nanosecond clock reading taken when the engine's config was made) is built once per
+    engine start and copied to every worker, so all tensor-parallel ranks of an engine share
+    it, a restarted engine gets a new one, and data-parallel engines differ by their rank."""
+    dp_rank = getattr(vllm_config.parallel_config, "data_parallel_rank", 0)
+    return f"{vllm_config.instance_id}-dp{dp_rank}"
 
 
 def key_compile_cache(engine: EngineView, key: str) -> None:
@@ -231,10 +248,13 @@ class StepLayout:
     req_ids: list[str]
     num_scheduled: np.ndarray  # int [R]: tokens each request has in this forward
     prompt_lens: np.ndarray  # int [R]
+    # int [R]: tokens each request had computed before this forward, so its first position
+    # here (None where unknown: a layout built from other layouts' rows)
+    num_computed: np.ndarray | None = None
 
     @classmethod
     def empty(cls) -> StepLayout:
-        return cls([], np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return cls([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     @property
     def num_tokens(self) -> int:
@@ -249,6 +269,9 @@ class EngineStep:
     trace_contexts: list[tuple[str, str]]  # (engine request id, traceparent), new requests
     finished: list[str]  # engine ids of the requests that finished, sorted
     layout: StepLayout | None  # None when the step scheduled no tokens
+    # (engine request id, prompt tokens found in the prefix cache) of each request this step
+    # starts (0 for most): those tokens skip the forward pass, no probe sees them
+    prefix_cached: list[tuple[str, int]]
 
 
 def read_step(runner: Any, scheduler_output: Any) -> EngineStep:
@@ -261,6 +284,9 @@ def read_step(runner: Any, scheduler_output: Any) -> EngineStep:
             if scheduler_output.total_num_scheduled_tokens
             else None
         ),
+        prefix_cached=[
+            (new.req_id, new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs
+        ],
     )
 
 
@@ -279,7 +305,17 @@ def step_layout(runner: Any, scheduler_output: Any) -> StepLayout:
             [scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64
         )
         prompt_lens = batch.num_prompt_tokens[: len(req_ids)]
-    return StepLayout(req_ids, num_scheduled, np.asarray(prompt_lens, dtype=np.int64))
+    cached = scheduler_output.scheduled_cached_reqs
+    computed = dict(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+    computed.update(
+        (new.req_id, new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs
+    )
+    return StepLayout(
+        req_ids,
+        num_scheduled,
+        np.asarray(prompt_lens, dtype=np.int64),
+        np.fromiter((computed[r] for r in req_ids), dtype=np.int64, count=len(req_ids)),
+    )
 
 
 def carry_trace_context(request: Any) -> None:

@@ -56,6 +56,14 @@ class TokenBatch:
     # W3C traceparent by request id, for requests whose trace context the engine knows; sent
     # once per request. Passed through unchecked: the sidecar's tracing validates it.
     traceparents: dict[str, str] = field(default_factory=dict)
+    engine_id: str = ""  # the sending engine; the same on all its tensor-parallel ranks
+    # The sender's books (see sidecar.server.books): cumulative tokens handed to gRPC, this
+    # batch included, and where a sidecar that first hears of the sender starts counting.
+    shipped_tokens_total: int = 0
+    base_shipped_tokens_total: int = 0
+    base_dropped_total: dict[str, int] = field(default_factory=dict)
+    # Prompt tokens served from the prefix cache, by request id, sent with its first tokens.
+    prefix_cached_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +80,7 @@ class TokenBatch:
         row_starts = np.cumsum([0, *step_tokens])
         finished_starts = np.cumsum([0, *step_finished])
         parts = []
+        mentioned: set[str] = set()  # prefix_cached_tokens go with a request's first step
         for i, step in enumerate(self.steps):
             rows = slice(int(row_starts[i]), int(row_starts[i + 1]))
             present, first, inverse = np.unique(
@@ -94,14 +103,25 @@ class TokenBatch:
                     ],
                     step_tokens=(),
                     step_finished=(),
-                    traceparents={
-                        self.request_ids[j]: self.traceparents[self.request_ids[j]]
-                        for j in present
-                        if self.request_ids[j] in self.traceparents
-                    },
+                    traceparents=_present(self.traceparents, self.request_ids, present),
+                    prefix_cached_tokens=_present(
+                        self.prefix_cached_tokens, self.request_ids, present, mentioned
+                    ),
                 )
             )
         return parts
+
+
+def _present(
+    by_request: dict, request_ids: list[str], present: np.ndarray, once: set[str] | None = None
+) -> dict:
+    """The entries of ``by_request`` for the requests ``present`` (indices into request_ids);
+    with ``once``, only those not in it, which it then holds."""
+    names = [request_ids[j] for j in present]
+    found = {r: by_request[r] for r in names if r in by_request and (once is None or r not in once)}
+    if once is not None:
+        once.update(found)
+    return found
 
 
 def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
@@ -122,6 +142,11 @@ def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
         step_tokens=batch.step_tokens,
         step_finished=batch.step_finished,
         traceparents=batch.traceparents,
+        engine_id=batch.engine_id,
+        shipped_tokens_total=batch.shipped_tokens_total,
+        base_shipped_tokens_total=batch.base_shipped_tokens_total,
+        base_dropped_total=batch.base_dropped_total,
+        prefix_cached_tokens=batch.prefix_cached_tokens,
     )
 
 
@@ -161,6 +186,10 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
         raise MalformedBatch("steps: a batch names at least one engine step")
     if any(b <= a for a, b in itertools.pairwise(steps)):
         raise MalformedBatch(f"steps: {list(steps)[:8]} is not strictly ascending")
+    if msg.shipped_tokens_total and msg.shipped_tokens_total < n:
+        raise MalformedBatch(
+            f"shipped_tokens_total: {msg.shipped_tokens_total} is less than this batch's {n} rows"
+        )
     finished = list(msg.finished_request_ids)
     step_tokens = _step_shares(msg.step_tokens, steps, n, "step_tokens")
     step_finished = _step_shares(msg.step_finished, steps, len(finished), "step_finished")
@@ -181,6 +210,11 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
         step_tokens=step_tokens,
         step_finished=step_finished,
         traceparents=dict(msg.traceparents),
+        engine_id=msg.engine_id,
+        shipped_tokens_total=msg.shipped_tokens_total,
+        base_shipped_tokens_total=msg.base_shipped_tokens_total,
+        base_dropped_total=dict(msg.base_dropped_total),
+        prefix_cached_tokens=dict(msg.prefix_cached_tokens),
     )
 
 

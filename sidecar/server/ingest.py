@@ -5,8 +5,13 @@ deserializer) so that an undecodable message is rejected and counted like any ot
 batch while its stream carries on. Each message is decoded with ``from_message``, checked
 against the server's spec hash, and handed to the ``Pipeline``; rejections are counted in
 ``circuitwatch_ingest_errors_total{reason}`` and logged at most once per interval per
-reason. The probe's cumulative ``dropped_total`` is turned into increments per stream
-(rank 0's only under tensor parallelism, see ``join.py``).
+reason. Every decoded message is entered in the books first (``Pipeline.receive``, per
+sender across its streams, see ``books.py``), so the rows of a refused one count too.
+
+``EngineStreams`` follows which engines have a stream open: an engine whose streams all
+ended and that stays silent for ``grace`` seconds, or whose successor (a new engine id for
+the same model and ranks) streams while it has none, is gone, and the pipeline closes its
+requests (``Pipeline.forget_engine``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from sidecar.server.pipeline import Pipeline, Rejected
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "circuitwatch.v1.Ingest"
-_MAX_DROP_KEYS = 256  # per stream: a sender inventing reasons cannot grow memory unbounded
 
 
 class RateLimitedLog:
@@ -48,33 +52,62 @@ class RateLimitedLog:
         self._last[reason] = now
 
 
-class SenderDrops:
-    """Turns one sender's cumulative ``dropped_total`` counts into increments."""
+class EngineStreams:
+    """Which engines have streams open, and which are gone (see the module's docstring)."""
 
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str], int] = {}
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        # Bounded: an engine is here while it has streams open, then for ``grace`` seconds.
+        self._open: dict[str, int] = {}  # engine id -> streams open
+        self._silent_since: dict[str, float] = {}  # engines with no stream open
+        self._fleet: dict[str, tuple[str, int]] = {}  # engine id -> (model name, world size)
+        self._gone: list[str] = []
 
-    def increments(self, model_name: str, dropped_total: dict[str, int]) -> list[tuple[str, int]]:
-        result = []
-        for reason, total in dropped_total.items():
-            key = (model_name, reason)
-            last = self._last.get(key)
-            if last is None and len(self._last) >= _MAX_DROP_KEYS:
-                continue
-            self._last[key] = total
-            # A total lower than before means the sender restarted its count.
-            delta = total if last is None or total < last else total - last
-            if delta:
-                result.append((reason, delta))
-        return result
+    def opened(self, engine_id: str, model_name: str, world_size: int) -> None:
+        fleet = (model_name, world_size)
+        for other in list(self._silent_since):  # a successor is here
+            if other != engine_id and self._fleet.get(other) == fleet:
+                self._forget(other)
+        self._silent_since.pop(engine_id, None)
+        self._open[engine_id] = self._open.get(engine_id, 0) + 1
+        self._fleet[engine_id] = fleet
+
+    def closed(self, engine_id: str, now: float) -> None:
+        left = self._open.get(engine_id, 0) - 1
+        if left > 0:
+            self._open[engine_id] = left
+        elif engine_id in self._open:
+            del self._open[engine_id]
+            self._silent_since[engine_id] = now
+
+    def gone(self, now: float) -> list[str]:
+        """Engines gone since the last call, to forget."""
+        for engine_id, since in list(self._silent_since.items()):
+            if since <= now - self.grace:
+                self._forget(engine_id)
+        gone, self._gone = self._gone, []
+        return gone
+
+    def _forget(self, engine_id: str) -> None:
+        self._silent_since.pop(engine_id, None)
+        self._open.pop(engine_id, None)
+        self._fleet.pop(engine_id, None)
+        self._gone.append(engine_id)
 
 
 class IngestService:
-    def __init__(self, pipeline: Pipeline, spec_hash: str, num_components: int) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        spec_hash: str,
+        num_components: int,
+        engine_grace: float = 10.0,
+    ) -> None:
         self.pipeline = pipeline
         self.spec_hash = spec_hash
         self.num_components = num_components
         self.log = RateLimitedLog(logger)
+        self.engines = EngineStreams(engine_grace)
 
     def handler(self) -> grpc.GenericRpcHandler:
         stream = grpc.stream_unary_rpc_method_handler(
@@ -85,26 +118,37 @@ class IngestService:
     async def stream(
         self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> ingest_pb2.StreamSummary:
-        drops = SenderDrops()
+        senders: set[str] = set()  # engines this stream spoke for (one, in practice)
         accepted = rejected = 0
-        async for raw in messages:
-            now = time.monotonic()
-            try:
-                self.accept(raw, drops, now)
-                accepted += 1
-            except Rejected as error:
-                rejected += 1
-                self.pipeline.metrics.ingest_error(error.reason)
-                self.log.warning(error.reason, str(error), now)
-            except Exception as error:  # a bug on an odd input must not end the stream
-                rejected += 1
-                self.pipeline.metrics.ingest_error("internal")
-                self.log.warning("internal", repr(error), now)
-                logger.debug("batch processing failed", exc_info=True)
+        try:
+            async for raw in messages:
+                now = time.monotonic()
+                if self._receive(raw, senders, now):
+                    accepted += 1
+                else:
+                    rejected += 1
+        finally:
+            for engine_id in senders:
+                self.engines.closed(engine_id, time.monotonic())
         return ingest_pb2.StreamSummary(batches_accepted=accepted, batches_rejected=rejected)
 
-    def accept(self, raw: bytes, drops: SenderDrops, now: float) -> None:
-        """Decode, validate and process one message; raises Rejected."""
+    def _receive(self, raw: bytes, senders: set[str], now: float) -> bool:
+        """One message; False (counted and logged) if it was rejected."""
+        try:
+            self.accept(raw, now, senders)
+            return True
+        except Rejected as error:
+            self.pipeline.metrics.ingest_error(error.reason)
+            self.log.warning(error.reason, str(error), now)
+        except Exception as error:  # a bug on an odd input must not end the stream
+            self.pipeline.metrics.ingest_error("internal")
+            self.log.warning("internal", repr(error), now)
+            logger.debug("batch processing failed", exc_info=True)
+        return False
+
+    def accept(self, raw: bytes, now: float, senders: set[str] | None = None) -> None:
+        """Decode, validate and process one message; raises Rejected. ``senders``: the
+        engines of the stream so far, to which this message's is added."""
         try:
             message = ingest_pb2.SampleBatch.FromString(raw)
         except DecodeError as error:
@@ -113,18 +157,30 @@ class IngestService:
             batch = from_message(message, self.num_components)
         except MalformedBatch as error:
             raise Rejected("malformed", str(error)) from error
-        metrics = self.pipeline.metrics
+        pipeline = self.pipeline
+        metrics = pipeline.metrics
         model_name = metrics.model_label(batch.model_name)
         metrics.model(model_name).batches.inc()
-        if len(set(batch.request_ids)) != len(batch.request_ids):
-            raise Rejected("malformed", "request_ids: a request is listed twice")
-        if batch.spec_hash != self.spec_hash:
-            raise Rejected(
-                "spec_hash",
-                f"batch from {batch.model_name!r} rank {batch.rank} was built for spec "
-                f"{batch.spec_hash!r}, this sidecar scores {self.spec_hash!r}",
-            )
-        if batch.rank == 0:  # the ranks drop the same tokens: count them once (see join.py)
-            for reason, count in drops.increments(batch.model_name, batch.dropped_total):
-                metrics.drop(model_name, metrics.reason_label(reason), count)
-        self.pipeline.ingest(batch, now)
+        if senders is not None and batch.engine_id not in senders:
+            senders.add(batch.engine_id)
+            self.engines.opened(batch.engine_id, batch.model_name, batch.world_size)
+        pipeline.receive(batch)
+        try:
+            if len(set(batch.request_ids)) != len(batch.request_ids):
+                raise Rejected("malformed", "request_ids: a request is listed twice")
+            if batch.spec_hash != self.spec_hash:
+                raise Rejected(
+                    "spec_hash",
+                    f"batch from {batch.model_name!r} rank {batch.rank} was built for spec "
+                    f"{batch.spec_hash!r}, this sidecar scores {self.spec_hash!r}",
+                )
+        except Rejected:
+            pipeline.refuse(batch)
+            raise
+        pipeline.ingest(batch, now)
+
+    def tick(self, now: float) -> None:
+        """The periodic work: the pipeline's, and forgetting the engines that are gone."""
+        for engine_id in self.engines.gone(now):
+            self.pipeline.forget_engine(engine_id)
+        self.pipeline.tick(now)

@@ -6,13 +6,12 @@ step are therefore joined by stacking their columns side by side; the rows must 
 which is checked. Each rank groups steps into messages its own way, so a batch of several
 steps is split into its steps first (``TokenBatch.split_steps``) and each step is joined.
 A step waits at most ``timeout`` seconds for its missing ranks and at most ``max_pending``
-steps wait at once; steps given up on are reported as dropped.
+steps wait at once; steps given up on are reported as dropped, every part that arrived by
+its own rank (the books are per rank, ``sidecar.server.books``).
 
-Every rank sees the same tokens, so a lost step must be counted once, not once per rank.
-Rank 0 is the one that counts: the sidecar takes the probe's own drop counts from rank 0
-only (``IngestService``), and a step given up on here counts only if rank 0's part is in
-it. If rank 0's part is missing, rank 0 either dropped the step (and counted it) or its part
-is late, and then it starts a new wait that will count when it expires.
+Steps are keyed by engine (``engine_id``) as well as by model, world size and step counter:
+two engines sharing a sidecar (data parallelism, replicas) count their steps alike.
+``forget_engine`` gives up on a dead engine's steps at once.
 """
 
 from __future__ import annotations
@@ -35,15 +34,24 @@ class JoinError(ValueError):
 @dataclass(frozen=True)
 class DroppedJoin:
     model_name: str
-    reason: str  # "tp_join_timeout" or "tp_join_overflow"
+    engine_id: str
+    rank: int  # whose part was given up on
+    reason: str  # "tp_join_timeout", "tp_join_overflow" or "engine_gone"
     tokens: int
+
+
+@dataclass(frozen=True)
+class Joined:
+    batch: TokenBatch  # one step (or, without tensor parallelism, the batch as it came)
+    ranks: tuple[int, ...]  # whose parts it holds
 
 
 @dataclass
 class JoinOutcome:
-    joined: list[TokenBatch]  # the steps whose every rank has now arrived, in order
+    joined: list[Joined]  # the steps whose every rank has now arrived, in order
     dropped: list[DroppedJoin]
     errors: list[JoinError]  # the steps that could not be joined; the others still count
+    refused: list[TokenBatch]  # the parts those errors cost, each its rank's (the books)
 
 
 @dataclass
@@ -57,15 +65,15 @@ class RankJoiner:
     def __init__(self, timeout: float, max_pending: int = 256) -> None:
         self.timeout = timeout
         self.max_pending = max_pending
-        self._pending: dict[tuple[str, int, int], _Pending] = {}
+        self._pending: dict[tuple[str, str, int, int], _Pending] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def add(self, batch: TokenBatch, now: float) -> JoinOutcome:
         if batch.world_size == 1:
-            return JoinOutcome([batch], [], [])
-        outcome = JoinOutcome([], [], [])
+            return JoinOutcome([Joined(batch, (batch.rank,))], [], [], [])
+        outcome = JoinOutcome([], [], [], [])
         for part in batch.split_steps():
             try:
                 self._add_step(part, now, outcome)
@@ -75,33 +83,43 @@ class RankJoiner:
 
     def _add_step(self, part: TokenBatch, now: float, outcome: JoinOutcome) -> None:
         step = part.steps[0]
-        key = (part.model_name, part.world_size, step)
+        key = (part.engine_id, part.model_name, part.world_size, step)
         pending = self._pending.get(key)
         if pending is None:
             if len(self._pending) >= self.max_pending:
                 oldest = next(iter(self._pending))
-                outcome.dropped.extend(_counted([self._pending.pop(oldest)], "tp_join_overflow"))
+                outcome.dropped.extend(_given_up([self._pending.pop(oldest)], "tp_join_overflow"))
             pending = self._pending[key] = _Pending(now, part.world_size)
         if part.rank in pending.parts:
+            outcome.refused.append(part)
             raise JoinError("tp_duplicate_rank", f"rank {part.rank} sent step {step} twice")
         pending.parts[part.rank] = part
         if len(pending.parts) == pending.world_size:
             del self._pending[key]
-            outcome.joined.append(_merge([pending.parts[r] for r in range(pending.world_size)]))
+            parts = [pending.parts[r] for r in range(pending.world_size)]
+            try:
+                outcome.joined.append(Joined(_merge(parts), tuple(range(pending.world_size))))
+            except JoinError:
+                outcome.refused.extend(parts)
+                raise
 
     def expire(self, now: float) -> list[DroppedJoin]:
         """Give up on steps still missing ranks after ``timeout`` seconds."""
         stale = [k for k, p in self._pending.items() if p.created <= now - self.timeout]
-        return list(_counted([self._pending.pop(k) for k in stale], "tp_join_timeout"))
+        return _given_up([self._pending.pop(k) for k in stale], "tp_join_timeout")
+
+    def forget_engine(self, engine_id: str) -> list[DroppedJoin]:
+        """Give up on every step of an engine that is gone."""
+        gone = [k for k in self._pending if k[0] == engine_id]
+        return _given_up([self._pending.pop(k) for k in gone], "engine_gone")
 
 
-def _counted(given_up: list[_Pending], reason: str) -> tuple[DroppedJoin, ...]:
-    """The drops to count for steps given up on: those holding rank 0's part (see above)."""
-    return tuple(
-        DroppedJoin(p.parts[0].model_name, reason, p.parts[0].num_tokens)
+def _given_up(given_up: list[_Pending], reason: str) -> list[DroppedJoin]:
+    return [
+        DroppedJoin(part.model_name, part.engine_id, rank, reason, part.num_tokens)
         for p in given_up
-        if 0 in p.parts
-    )
+        for rank, part in sorted(p.parts.items())
+    ]
 
 
 def _merge(parts: list[TokenBatch]) -> TokenBatch:
@@ -132,4 +150,6 @@ def _merge(parts: list[TokenBatch]) -> TokenBatch:
         traceparents={k: v for part in parts for k, v in part.traceparents.items()},
         rank=0,
         world_size=1,
+        engine_id=first.engine_id,
+        prefix_cached_tokens=first.prefix_cached_tokens,
     )

@@ -3,7 +3,9 @@
 Names follow ``circuitwatch_<thing>_<unit>``; counters end in ``_total``. Labels are
 bounded: ``circuit`` comes from the spec, ``phase``/``aggregation``/``finished_by``/
 ``verdict`` are fixed sets, and values that come from senders (``model_name``, the probe's drop
-``reason``) are cut to a fixed number of distinct values, the rest reported as "other".
+``reason``, the tensor-parallel ``rank``) are cut to a fixed number of distinct values, the
+rest reported as "other". The books (``circuitwatch_probe_*_tokens_total``, per rank) are
+kept by ``sidecar.server.books``.
 
 ``circuitwatch_circuit_score`` buckets: scores are unbounded reals centred near zero, so
 the default buckets are symmetric, 1-2-5 steps from 0.1 to 100 on both sides of 0. Every
@@ -96,6 +98,7 @@ class SidecarMetrics:
         score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
         max_models: int = 16,
         max_drop_reasons: int = 32,
+        max_ranks: int = 64,
         anomaly_threshold: float = AnomalyConfig.threshold,
     ) -> None:
         self.circuits = tuple(circuits)
@@ -105,6 +108,7 @@ class SidecarMetrics:
         thresholds |= {t for c in circuits for _, t in c.verdict_thresholds}
         self.model_label = BoundedLabel(max_models)
         self.reason_label = BoundedLabel(max_drop_reasons)
+        self.rank_label = BoundedLabel(max_ranks)
         buckets = sorted(set(score_buckets) | thresholds)
         self.histogram_circuit_score = Histogram(
             "circuitwatch_circuit_score",
@@ -142,6 +146,33 @@ class SidecarMetrics:
             "circuitwatch_samples_dropped_total",
             "Sampled tokens lost before scoring, by the probe (its reasons) or the sidecar.",
             ["model_name", "reason"],
+            registry=registry,
+        )
+        self.counter_probe_sampled_tokens = Counter(
+            "circuitwatch_probe_sampled_tokens_total",
+            "Tokens the probes sampled, as their cumulative counts say (see books.py): equals "
+            "scored plus dropped, per rank.",
+            ["model_name", "rank"],
+            registry=registry,
+        )
+        self.counter_probe_scored_tokens = Counter(
+            "circuitwatch_probe_scored_tokens_total",
+            "Sampled tokens a probe sent that the sidecar scored, per rank.",
+            ["model_name", "rank"],
+            registry=registry,
+        )
+        self.counter_probe_dropped_tokens = Counter(
+            "circuitwatch_probe_dropped_tokens_total",
+            "Sampled tokens of a probe that were not scored, per rank and reason (the probe's "
+            "reasons, lost_in_transit, and the sidecar's).",
+            ["model_name", "rank", "reason"],
+            registry=registry,
+        )
+        self.counter_prefix_cached_tokens = Counter(
+            "circuitwatch_prefix_cached_tokens_total",
+            "Prompt tokens served from the engine's prefix cache: no probe saw them, so a "
+            "request's prompt aggregates cover only its uncached tail.",
+            ["model_name"],
             registry=registry,
         )
         self.counter_ingest_errors = Counter(

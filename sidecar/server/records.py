@@ -76,6 +76,10 @@ class RequestRecord:
     tokens: TokenScores | None = None  # set when the sidecar keeps per-token scores
     anomaly: tuple[AnomalyScore, ...] = ()  # empty without anomaly detection or in warm-up
     traceparent: str | None = None  # W3C traceparent the probe sent, unchecked
+    engine_id: str = ""  # the engine that served it (request ids are unique per engine)
+    # Prompt tokens the engine served from its prefix cache: no probe saw them, so the prompt
+    # phase's aggregates cover only the tokens after them.
+    prefix_cached_tokens: int = 0
 
     def phase(self, name: str) -> PhaseStats | None:
         for stats in self.phases:

@@ -11,16 +11,19 @@ request's batches arrive in step order), which the order-dependent aggregations 
 A finished request's record carries, per phase, each circuit's mean, max, min, configured
 aggregate and, where the circuit has a verdict threshold for the phase, its verdict.
 
-A request finishes when the engine says so (``finish``) or when no data arrived for it
-for the idle timeout (``expire``). At most ``max_requests`` are live; a new request
-beyond that evicts the least recently updated one, whose tokens are reported dropped.
-Requests finished recently are remembered (bounded) so that late tokens for them are
-dropped instead of opening a second record.
+Requests are keyed by engine (``engine_id``) and request id: two engines sharing a sidecar
+may use the same ids. A request finishes when the engine says so (``finish``), when no data
+arrived for it for the idle timeout (``expire``), or when its engine is gone
+(``forget_engine``). At most ``max_requests`` are live; a new request beyond that evicts the
+least recently updated one, whose tokens are reported dropped. Requests finished recently
+are remembered (bounded) so that late tokens for them are dropped instead of opening a
+second record, unless the probe says the id starts a new request (``start``: a caller that
+reuses a request id once the first request with it finished).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +48,7 @@ class DroppedTokens:
     model_name: str
     reason: str  # "state_full": evicted or never admitted; "after_finish": late tokens
     tokens: int
+    incoming: bool = True  # tokens of the batch being added; False: an evicted request's
 
 
 @dataclass
@@ -80,13 +84,14 @@ class RequestTable:
         self._min = np.full((slots, phases, width), np.inf, dtype=np.float64)
         self._first_seen = np.zeros(slots, dtype=np.float64)
         self._last_seen = np.full(slots, np.inf, dtype=np.float64)  # inf marks a free slot
-        self._slot_of: dict[str, int] = {}
-        self._request_of: list[str] = [""] * slots
+        self._slot_of: dict[tuple[str, str], int] = {}  # (engine id, request id) -> slot
+        self._request_of: list[tuple[str, str]] = [("", "")] * slots
+        self._prefix_cached = np.zeros(slots, dtype=np.int64)
         self._model_of: list[str] = [""] * slots
         self._kept: list[_Kept | None] = [None] * slots
         self._trace_of: list[str | None] = [None] * slots
         self._free = list(range(slots - 1, -1, -1))
-        self._recently_finished: dict[str, None] = {}
+        self._recently_finished: dict[tuple[str, str], None] = {}
         self._live_by_model: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -94,6 +99,19 @@ class RequestTable:
 
     def live(self, model_name: str) -> int:
         return self._live_by_model.get(model_name, 0)
+
+    def start(self, request_ids: Iterable[str], engine_id: str = "") -> list[RequestRecord]:
+        """Requests the probe says start now: an id finished before is free again, and a
+        live namesake (its finish never arrived) is closed; returns its record."""
+        records = []
+        for request_id in request_ids:
+            key = (engine_id, request_id)
+            self._recently_finished.pop(key, None)
+            slot = self._slot_of.get(key)
+            if slot is not None:
+                records.append(self._record(slot, FINISHED_BY_IDLE))
+                self._release(slot)
+        return records
 
     def add(
         self,
@@ -105,14 +123,22 @@ class RequestTable:
         scores: np.ndarray,
         now: float,
         traceparents: Mapping[str, str] | None = None,
+        prefix_cached: Mapping[str, int] | None = None,
+        engine_id: str = "",
     ) -> list[DroppedTokens]:
         """Fold one batch's scores [n, c] into the requests' aggregates; ``traceparents``
-        (by request id) are kept for the requests' records."""
-        slot_of_request, dropped = self._slots_for(model_name, request_ids, request_index, now)
+        and ``prefix_cached`` tokens (by request id) are kept for the requests' records."""
+        slot_of_request, dropped = self._slots_for(
+            model_name, engine_id, request_ids, request_index, now
+        )
         for request_id, traceparent in (traceparents or {}).items():
-            slot = self._slot_of.get(request_id)
+            slot = self._slot_of.get((engine_id, request_id))
             if slot is not None:
                 self._trace_of[slot] = traceparent
+        for request_id, tokens in (prefix_cached or {}).items():
+            slot = self._slot_of.get((engine_id, request_id))
+            if slot is not None:
+                self._prefix_cached[slot] = tokens
         if dropped:
             keep = slot_of_request[request_index] != _NO_SLOT
             request_index, positions = request_index[keep], positions[keep]
@@ -150,10 +176,13 @@ class RequestTable:
         state[groups] = np.minimum(state[groups], minima)
         return dropped
 
-    def finish(self, request_id: str, finished_by: str) -> RequestRecord | None:
+    def finish(
+        self, request_id: str, finished_by: str, engine_id: str = ""
+    ) -> RequestRecord | None:
         """Close a request; None if it is not live (never seen, already closed or evicted)."""
-        self._remember_finished(request_id)
-        slot = self._slot_of.get(request_id)
+        key = (engine_id, request_id)
+        self._remember_finished(key)
+        slot = self._slot_of.get(key)
         if slot is None:
             return None
         record = self._record(slot, finished_by)
@@ -163,13 +192,32 @@ class RequestTable:
     def expire(self, now: float, idle_timeout: float) -> list[RequestRecord]:
         """Close every request with no data for ``idle_timeout`` seconds."""
         idle = np.flatnonzero(self._last_seen <= now - idle_timeout)
-        return [r for r in (self.finish(self._request_of[s], FINISHED_BY_IDLE) for s in idle) if r]
+        return [
+            record
+            for engine_id, request_id in (self._request_of[s] for s in idle)
+            if (record := self.finish(request_id, FINISHED_BY_IDLE, engine_id))
+        ]
+
+    def forget_engine(self, engine_id: str) -> list[RequestRecord]:
+        """Close an engine's requests (it is gone) and forget the ones it finished."""
+        gone = [slot for (engine, _), slot in self._slot_of.items() if engine == engine_id]
+        for key in [k for k in self._recently_finished if k[0] == engine_id]:
+            del self._recently_finished[key]
+        records = [self._record(slot, FINISHED_BY_IDLE) for slot in gone]
+        for slot in gone:
+            self._release(slot)
+        return records
 
     def _slots_for(
-        self, model_name: str, request_ids: list[str], request_index: np.ndarray, now: float
+        self,
+        model_name: str,
+        engine_id: str,
+        request_ids: list[str],
+        request_index: np.ndarray,
+        now: float,
     ) -> tuple[np.ndarray, list[DroppedTokens]]:
         get = self._slot_of.get
-        slot_list = [get(request_id, _NO_SLOT) for request_id in request_ids]
+        slot_list = [get((engine_id, request_id), _NO_SLOT) for request_id in request_ids]
         slots = np.array(slot_list, dtype=np.int64)
         if _NO_SLOT not in slot_list:
             self._last_seen[slots] = now
@@ -178,7 +226,7 @@ class RequestTable:
         new: list[int] = []
         late: list[int] = []
         for i in np.flatnonzero(slots == _NO_SLOT).tolist():
-            (late if request_ids[i] in self._recently_finished else new).append(i)
+            (late if (engine_id, request_ids[i]) in self._recently_finished else new).append(i)
         dropped: list[DroppedTokens] = []
         refused: list[int] = []
         for i in new:
@@ -188,19 +236,21 @@ class RequestTable:
                     refused.append(i)
                     continue
                 tokens = int(self._count[victim].sum())
-                dropped.append(DroppedTokens(self._model_of[victim], "state_full", tokens))
+                dropped.append(
+                    DroppedTokens(self._model_of[victim], "state_full", tokens, incoming=False)
+                )
                 self._release(victim)
-            slots[i] = self._open(request_ids[i], model_name, now)
+            slots[i] = self._open((engine_id, request_ids[i]), model_name, now)
         for reason, indices in (("after_finish", late), ("state_full", refused)):
             if indices:
                 tokens = int(np.isin(request_index, indices).sum())
                 dropped.append(DroppedTokens(model_name, reason, tokens))
         return slots, dropped
 
-    def _open(self, request_id: str, model_name: str, now: float) -> int:
+    def _open(self, key: tuple[str, str], model_name: str, now: float) -> int:
         slot = self._free.pop()
-        self._slot_of[request_id] = slot
-        self._request_of[slot] = request_id
+        self._slot_of[key] = slot
+        self._request_of[slot] = key
         self._model_of[slot] = model_name
         self._first_seen[slot] = now
         self._last_seen[slot] = now
@@ -221,10 +271,11 @@ class RequestTable:
         self._last_seen[slot] = np.inf
         self._kept[slot] = None
         self._trace_of[slot] = None
+        self._prefix_cached[slot] = 0
         self._free.append(slot)
 
-    def _remember_finished(self, request_id: str) -> None:
-        self._recently_finished[request_id] = None
+    def _remember_finished(self, key: tuple[str, str]) -> None:
+        self._recently_finished[key] = None
         if len(self._recently_finished) > self.max_requests:
             del self._recently_finished[next(iter(self._recently_finished))]
 
@@ -288,12 +339,15 @@ class RequestTable:
                     kept.scores or [np.zeros((0, len(self.circuit_names)), np.float32)]
                 ),
             )
+        engine_id, request_id = self._request_of[slot]
         return RequestRecord(
-            request_id=self._request_of[slot],
+            request_id=request_id,
+            engine_id=engine_id,
             model_name=self._model_of[slot],
             finished_by=finished_by,
             phases=tuple(phases),
             first_received=float(self._first_seen[slot]),
             tokens=tokens,
             traceparent=self._trace_of[slot],
+            prefix_cached_tokens=int(self._prefix_cached[slot]),
         )

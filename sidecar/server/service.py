@@ -73,6 +73,7 @@ class Sidecar:
         max_requests: int = 10_000,
         keep_token_scores: int = 0,
         join_timeout: float = 5.0,
+        engine_grace: float = 10.0,
         score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
         socket_group: str | None = None,
         anomaly: AnomalyConfig | None = DEFAULT_ANOMALY,
@@ -81,7 +82,9 @@ class Sidecar:
         ``metrics_port``: None serves no /metrics endpoint, 0 picks a free port.
         ``socket_group``: a Unix socket is mode 0600 (only this user may connect); with a
         group it belongs to that group and is mode 0660. Raises ValueError for an unknown
-        group. ``anomaly``: None turns anomaly detection off."""
+        group. ``anomaly``: None turns anomaly detection off. ``engine_grace``: an engine
+        whose streams all ended is given this many seconds to come back before its requests
+        are closed (see ingest.py)."""
         self.spec = spec
         self.listen = listen
         self.socket_path = unix_socket_path(listen)
@@ -121,7 +124,9 @@ class Sidecar:
         self.tick_interval = max(0.01, min(1.0, idle_timeout / 4, join_timeout / 4))
         self.address: str | None = None  # the bound ingest address, once started
         self.metrics_url: str | None = None  # http://host:port/metrics, once started
-        self._ingest = IngestService(self.pipeline, spec.hash, scorer.num_components)
+        self._ingest = IngestService(
+            self.pipeline, spec.hash, scorer.num_components, engine_grace=engine_grace
+        )
         self._server: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
         self._http = None
@@ -217,7 +222,7 @@ class Sidecar:
         while True:
             await asyncio.sleep(self.tick_interval)
             try:
-                self.pipeline.tick(time.monotonic())
+                self._ingest.tick(time.monotonic())
             except Exception:  # keep ticking: idle requests must still be closed later
                 logger.exception("periodic tick failed")
 

@@ -4,7 +4,9 @@ The span ``circuitwatch.request`` starts when the request's first tokens reached
 sidecar and ends when its record is built. Attributes:
 ``circuitwatch.request_id`` and ``gen_ai.request.id`` (the engine's request id, as in
 vLLM's own spans), ``gen_ai.request.model``, ``circuitwatch.finished_by``,
-``circuitwatch.tokens.<phase>``, ``circuitwatch.circuit.<name>.<phase>.mean|max``, the
+``circuitwatch.tokens.<phase>``, ``circuitwatch.prefix_cached_tokens`` (prompt tokens
+served from the prefix cache, which no probe saw: the prompt aggregates cover the rest),
+``circuitwatch.engine_id``, ``circuitwatch.circuit.<name>.<phase>.mean|max``, the
 circuit's configured aggregate ``circuitwatch.circuit.<name>.<phase>.aggregate`` and,
 where the circuit has a verdict threshold for the phase,
 ``circuitwatch.circuit.<name>.<phase>.verdict`` ("flagged" or "clear"). With anomaly
@@ -75,6 +77,8 @@ class TracingSink:
             "gen_ai.request.id": record.request_id,
             "gen_ai.request.model": record.model_name,
             "circuitwatch.finished_by": record.finished_by,
+            "circuitwatch.engine_id": record.engine_id,
+            "circuitwatch.prefix_cached_tokens": record.prefix_cached_tokens,
         }
         for phase in record.phases:
             attributes[f"circuitwatch.tokens.{phase.phase}"] = phase.tokens

@@ -175,6 +175,22 @@ class SamplePolicy:
             ]
         )
 
+    def count(self, layout: StepLayout) -> int:
+        """How many of one step's tokens ``select`` keeps, from its layout alone: what a drop
+        of the step before its rows are read loses (the probe's books are in sampled tokens).
+        A fraction needs the positions, which start at each request's computed tokens."""
+        n = layout.num_tokens
+        if self.cap is not None:
+            return min(n, self.cap)
+        if self.fraction >= 1.0 or n == 0:
+            return n
+        if layout.num_computed is None:
+            raise ValueError("counting a fraction's tokens needs the layout's num_computed")
+        scheduled = layout.num_scheduled
+        offsets = np.cumsum(scheduled) - scheduled  # each request's first row in the step
+        positions = np.repeat(layout.num_computed - offsets, scheduled) + np.arange(n)
+        return int(self.select(attribute(layout, positions), layout.req_ids, [n]).shape[0])
+
     def _capped(self, phases: np.ndarray) -> np.ndarray:
         """At most ``cap`` of one step's rows: generated tokens first, then prompt tokens spread."""
         if phases.shape[0] <= self.cap:

@@ -15,8 +15,9 @@ rather than waiting. On a CPU the copies are plain copies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from sidecar.probe.vllm_internals import StepLayout
 from sidecar.protocol.batch import TokenBatch
 
 DRAIN_BACKLOG = "drain_backlog"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class BatchIdentity:
     rank: int
     world_size: int
     randomized_ids: bool = True  # vLLM added a random suffix to request ids
+    engine_id: str = ""  # vllm_internals.engine_id: the same on every rank of the engine
 
 
 class Drain:
@@ -62,16 +65,26 @@ class Drain:
         self.ring = HostRing(widths, ring_rows, pin=self._cuda)
         self.request_ids = RequestIds(identity.randomized_ids)
         self.trace_parent = trace_parent
-        self._unsent_traces: dict[str, str] = {}  # shipper thread only: until a batch names it
+        # Shipper thread only: what goes with the first batch that names a request.
+        self._unsent_traces = FirstMention[str]()
+        self._unsent_prefix_cached = FirstMention[int]()
 
-    def collect(self, step: int, layout: StepLayout, finished: list[str]) -> PendingStep | None:
-        """Start copying this step's rows out; None (and counted) if the ring is full."""
+    def collect(
+        self,
+        step: int,
+        layout: StepLayout,
+        finished: list[str],
+        prefix_cached: Mapping[str, int] | None = None,
+    ) -> PendingStep | None:
+        """Start copying this step's rows out; None (and counted) if the ring is full.
+        ``prefix_cached``: prompt tokens new requests found in the prefix cache, by engine id."""
         # Named here, every step, before any drop: every rank names requests alike.
         ids = self.request_ids.step(layout.req_ids, finished)
         n = layout.num_tokens
+        sampled = self.sample.count(layout)
         span = self.ring.take(n)
         if span is None:
-            self.drops.add(DRAIN_BACKLOG, n)
+            self.drops.add(DRAIN_BACKLOG, sampled)
             return None
         rows = slice(span.start, span.stop)
         for tap, host in zip(self.taps.taps, self.ring.values, strict=True):
@@ -86,7 +99,14 @@ class Drain:
             for internal, name in zip(layout.req_ids, ids.req_ids, strict=True)
             if (traceparent := self.trace_parent(internal)) is not None
         }
-        return PendingStep(self.ring, span, event, step, layout, ids.req_ids, ids.finished, traces)
+        cached = {
+            name: prefix_cached[internal]
+            for internal, name in zip(layout.req_ids, ids.req_ids, strict=True)
+            if prefix_cached and internal in prefix_cached
+        }
+        return PendingStep(
+            self.ring, span, event, step, layout, ids.req_ids, ids.finished, traces, cached, sampled
+        )
 
     def resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
         """One ``TokenBatch`` of ``steps`` (in order), or None when none has anything to send.
@@ -103,7 +123,7 @@ class Drain:
                 np.concatenate([p.layout.prompt_lens for p in steps]),
             )
             rows = attribute(slots, np.concatenate(positions))
-            sizes = [p.tokens for p in steps]
+            sizes = [p.rows for p in steps]
             keep = self.sample.select(rows, slots.req_ids, sizes)
             columns = [
                 np.concatenate([v[i] for v in values])[keep][:, shipped]
@@ -114,7 +134,8 @@ class Drain:
                 pending.discard()
         finished = [p.finished for p in steps]
         for pending in steps:
-            self._unsent_traces.update(pending.traces)
+            self._unsent_traces.add(pending.traces)
+            self._unsent_prefix_cached.add(pending.prefix_cached)
         step_of_row = np.repeat(np.arange(len(steps)), sizes)
         step_tokens = np.bincount(step_of_row[keep], minlength=len(steps))
         listed = [i for i in range(len(steps)) if step_tokens[i] or finished[i]]
@@ -134,10 +155,11 @@ class Drain:
         values = np.concatenate(columns, axis=1) if columns else np.zeros((keep.shape[0], k))
         identity = self.identity
         request_ids = [names[r] for r in present]
-        # Each traceparent goes with the first batch that names its request.
-        traces = {r: self._unsent_traces.pop(r) for r in request_ids if r in self._unsent_traces}
-        for name in (r for done in finished for r in done):
-            self._unsent_traces.pop(name, None)
+        traces = self._unsent_traces.take(request_ids)
+        prefix_cached = self._unsent_prefix_cached.take(request_ids)
+        for done in finished:
+            self._unsent_traces.forget(done)
+            self._unsent_prefix_cached.forget(done)
         return TokenBatch(
             spec_hash=identity.spec_hash,
             model_name=identity.model_name,
@@ -154,7 +176,29 @@ class Drain:
             step_tokens=tuple(int(step_tokens[i]) for i in listed),
             step_finished=tuple(len(finished[i]) for i in listed),
             traceparents=traces,
+            engine_id=identity.engine_id,
+            prefix_cached_tokens=prefix_cached,
         )
+
+
+class FirstMention(Generic[T]):
+    """Per-request facts that go with the first batch naming the request, then never again."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, T] = {}
+
+    def add(self, by_request: Mapping[str, T]) -> None:
+        self._waiting.update(by_request)
+
+    def take(self, request_ids: list[str]) -> dict[str, T]:
+        if not self._waiting:
+            return {}
+        return {r: self._waiting.pop(r) for r in request_ids if r in self._waiting}
+
+    def forget(self, request_ids: list[str]) -> None:
+        """Finished requests: what no batch carried is not carried later."""
+        for r in request_ids:
+            self._waiting.pop(r, None)
 
 
 class PendingStep:
@@ -170,9 +214,13 @@ class PendingStep:
         names: list[str],
         finished: list[str],
         traces: dict[str, str],
+        prefix_cached: dict[str, int],
+        sampled: int,
     ):
         """``names``: the exported ids of ``layout.req_ids``; ``finished``: exported ids;
-        ``traces``: traceparents of requests by exported id."""
+        ``traces``: traceparents of requests by exported id; ``prefix_cached``: prompt
+        tokens found in the prefix cache, by exported id; ``sampled``: the tokens of the
+        step the sample policy keeps."""
         self._ring = ring
         self._span: Span | None = span
         self._event = event
@@ -181,7 +229,9 @@ class PendingStep:
         self.names = names
         self.finished = finished
         self.traces = traces
-        self.tokens = len(span)  # what a drop of this step loses
+        self.prefix_cached = prefix_cached
+        self.rows = len(span)
+        self.tokens = sampled  # what a drop of this step loses, in sampled tokens
 
     def arrays(self) -> tuple[list[np.ndarray], np.ndarray]:
         """(each tap's rows, positions) as host arrays, once the device copy has landed."""

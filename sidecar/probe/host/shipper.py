@@ -12,9 +12,16 @@ the stream breaks, the steps waiting are dropped and their tokens counted
 exponential backoff of 0.05 s doubling to 0.5 s that only a stream that lasted resets), so
 the sidecar can start, stop and restart under a running engine and batches flow again
 within a second of it accepting connections, however long it was away (measured in
-tests/test_reconnect.py). Every message carries the cumulative drop
-counts by reason (``dropped_total``), in tokens, which is what
-``circuitwatch_samples_dropped_total`` counts.
+tests/test_reconnect.py).
+
+The books: every item's ``tokens`` are the tokens the probe sampled from its step, and each
+of them leaves the probe once, either in a message (counted in ``shipped_tokens_total``, from
+the moment it is handed to gRPC) or dropped (``dropped_total``, by reason). Every message
+carries both counts, cumulative since the probe started, so the sidecar can tell what was
+lost in transit (a gap in ``shipped_tokens_total``) and, as the counts are cumulative, learns
+of drops made while it was away once it is back. Every message of a stream also carries the
+counts as of the last message handed to an earlier stream (``base_*``): where a sidecar that
+restarted starts its books for this sender (see sidecar/server/books.py).
 
 gRPC keeps its own reconnect backoff inside a channel (1 s growing to 120 s by default) and
 shares subchannels, and their backoff, between channels to the same address: a fresh
@@ -89,6 +96,12 @@ class ShipperStats:
     queued: int
     connected: bool
     streams: int  # streams opened so far (1 + reconnects)
+    shipped_tokens: int  # tokens in the messages handed to gRPC
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Every token that left the queue: shipped or dropped."""
+        return self.shipped_tokens + sum(self.dropped.values())
 
 
 KEEPALIVE_TIME_MS = 1000  # a ping after this long without a frame from the sidecar
@@ -153,6 +166,11 @@ class Shipper:
         self._cond = threading.Condition()
         self._closed = False
         self._sent = 0
+        self._shipped_tokens = 0
+        # The books as of the last message handed to gRPC, and as of the last one handed to
+        # a stream before the current one (where a restarted sidecar starts counting).
+        self._last_handed: tuple[int, dict[str, int]] = (0, {})
+        self._base: tuple[int, dict[str, int]] = (0, {})
         self._streams = 0
         self._connected = False
         self._thread = threading.Thread(target=self._run, name="circuitwatch-shipper", daemon=True)
@@ -184,6 +202,7 @@ class Shipper:
                 queued=len(self._queue),
                 connected=self._connected,
                 streams=self._streams,
+                shipped_tokens=self._shipped_tokens,
             )
 
     def flush(self, timeout_s: float) -> bool:
@@ -235,6 +254,7 @@ class Shipper:
         with self._cond:
             self._connected = True
             self._streams += 1
+            self._base = self._last_handed
         try:
             stub.Stream(self._messages(done))
         except grpc.RpcError as e:
@@ -277,9 +297,13 @@ class Shipper:
                 batch = None
             try:
                 if batch is not None:
-                    batch.dropped_total = self.drops.snapshot()
                     with self._cond:
+                        batch.dropped_total = self.drops.snapshot()
                         self._sent += 1
+                        self._shipped_tokens += batch.num_tokens
+                        batch.shipped_tokens_total = self._shipped_tokens
+                        batch.base_shipped_tokens_total, batch.base_dropped_total = self._base
+                        self._last_handed = (self._shipped_tokens, batch.dropped_total)
                     yield to_message(batch)  # returns once gRPC asks for the next one
             finally:
                 with self._cond:
