@@ -56,6 +56,14 @@ class TokenBatch:
     # W3C traceparent by request id, for requests whose trace context the engine knows; sent
     # once per request. Passed through unchecked: the sidecar's tracing validates it.
     traceparents: dict[str, str] = field(default_factory=dict)
+    # The sender's probe state (see ``sidecar.probe.host.health``), in every message.
+    probe_off: bool = False
+    probe_errors_total: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_status(self) -> bool:
+        """A status message: no steps, so no rows; only the probe state and drop counts."""
+        return not self.steps
 
     @property
     def num_tokens(self) -> int:
@@ -122,6 +130,8 @@ def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
         step_tokens=batch.step_tokens,
         step_finished=batch.step_finished,
         traceparents=batch.traceparents,
+        probe_off=batch.probe_off,
+        probe_errors_total=batch.probe_errors_total,
     )
 
 
@@ -157,8 +167,8 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
     if n and int(phases.max()) > GENERATED:
         raise MalformedBatch(f"phases: value {int(phases.max())} is neither 0 nor 1")
     steps = tuple(msg.steps)
-    if not steps:
-        raise MalformedBatch("steps: a batch names at least one engine step")
+    if not steps and (n or msg.request_ids or msg.finished_request_ids):
+        raise MalformedBatch("steps: a batch with tokens or requests names an engine step")
     if any(b <= a for a, b in itertools.pairwise(steps)):
         raise MalformedBatch(f"steps: {list(steps)[:8]} is not strictly ascending")
     finished = list(msg.finished_request_ids)
@@ -181,6 +191,8 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
         step_tokens=step_tokens,
         step_finished=step_finished,
         traceparents=dict(msg.traceparents),
+        probe_off=msg.probe_off,
+        probe_errors_total=dict(msg.probe_errors_total),
     )
 
 
@@ -188,7 +200,7 @@ def _step_shares(
     shares: Sequence[int], steps: tuple[int, ...], total: int, name: str
 ) -> tuple[int, ...]:
     """Check one per-step split of ``total`` items against ``steps`` (already checked)."""
-    if not shares and len(steps) == 1:
+    if not shares and len(steps) <= 1:
         return ()
     if len(shares) != len(steps):
         raise MalformedBatch(f"{name}: {len(shares)} entries for {len(steps)} steps")

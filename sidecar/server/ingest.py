@@ -6,7 +6,9 @@ batch while its stream carries on. Each message is decoded with ``from_message``
 against the server's spec hash, and handed to the ``Pipeline``; rejections are counted in
 ``circuitwatch_ingest_errors_total{reason}`` and logged at most once per interval per
 reason. The probe's cumulative ``dropped_total`` is turned into increments per stream
-(rank 0's only under tensor parallelism, see ``join.py``).
+(rank 0's only under tensor parallelism, see ``join.py``). Every message's probe state
+goes to ``circuitwatch_probe_enabled`` / ``circuitwatch_probe_errors_total``; a status
+message (no steps, sent by a probe a fault turned off) stops there.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ class IngestService:
             raise Rejected("malformed", str(error)) from error
         metrics = self.pipeline.metrics
         model_name = metrics.model_label(batch.model_name)
-        metrics.model(model_name).batches.inc()
+        if not batch.is_status:
+            metrics.model(model_name).batches.inc()
         if len(set(batch.request_ids)) != len(batch.request_ids):
             raise Rejected("malformed", "request_ids: a request is listed twice")
         if batch.spec_hash != self.spec_hash:
@@ -124,7 +127,9 @@ class IngestService:
                 f"batch from {batch.model_name!r} rank {batch.rank} was built for spec "
                 f"{batch.spec_hash!r}, this sidecar scores {self.spec_hash!r}",
             )
+        metrics.probe_status(model_name, batch.rank, not batch.probe_off, batch.probe_errors_total)
         if batch.rank == 0:  # the ranks drop the same tokens: count them once (see join.py)
             for reason, count in drops.increments(batch.model_name, batch.dropped_total):
                 metrics.drop(model_name, metrics.reason_label(reason), count)
-        self.pipeline.ingest(batch, now)
+        if not batch.is_status:
+            self.pipeline.ingest(batch, now)
