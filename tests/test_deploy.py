@@ -39,6 +39,8 @@ SIDECAR_METRICS = {
     "circuitwatch_requests_scored_total": {"model_name", "finished_by"},
     "circuitwatch_samples_dropped_total": {"model_name", "reason"},
     "circuitwatch_ingest_errors_total": {"reason"},
+    "circuitwatch_probe_enabled": {"model_name", "rank"},
+    "circuitwatch_probe_errors_total": {"model_name", "rank", "reason"},
     "circuitwatch_trace_context_invalid_total": set(),
     "circuitwatch_circuit_firing_tokens_total": {"circuit", "model_name"},
     "circuitwatch_verdicts_total": {"circuit", "model_name", "phase", "verdict"},
