@@ -16,6 +16,7 @@ good (``probe_inject_fault``, the documented test hook).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -132,20 +133,10 @@ def batches(serve: Serve) -> float:
     return metric(serve, "circuitwatch_batches_received_total") or 0.0
 
 
-@contextmanager
-def output_to(path: Path) -> Iterator[None]:
-    """Processes started in the block write their stdout and stderr (the engine's log, vLLM
-    logs to stdout) to ``path``."""
-    saved = [os.dup(1), os.dup(2)]
-    with path.open("ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    try:
-        yield
-    finally:
-        for fd, copy in enumerate(saved, start=1):
-            os.dup2(copy, fd)
-            os.close(copy)
+def log_probe_to(worker, path: str) -> bool:
+    """Run on a worker (``collective_rpc``): also write the probe's log records to ``path``."""
+    logging.getLogger("sidecar.probe").addHandler(logging.FileHandler(path))
+    return True
 
 
 @dataclass(repr=False)
@@ -153,7 +144,7 @@ class Rig:
     llm: object
     serve: Serve
     socket_path: Path
-    engine_log: Path
+    engine_log: Path  # the probe's log records in the worker
     warm: LoadResult  # the warm-up phase, healthy sidecar
     warm_rss: int
 
@@ -196,10 +187,11 @@ def rig(tmp_path_factory):
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc with the plugin's functions
     }
     engine_log = folder / "engine.log"
-    with mock.patch.dict(os.environ, env), output_to(engine_log):
+    with mock.patch.dict(os.environ, env):
         llm = LLM(model=str(REFERENCE_DIR), dtype="float32", gpu_memory_utilization=0.2,
                   max_model_len=256, max_num_seqs=BATCH, seed=0)  # fmt: skip
     rig = Rig(llm, serve, socket_path, engine_log, LoadResult(), 0)
+    assert llm.collective_rpc(log_probe_to, args=(str(engine_log),)) == [True]
     try:
         with steady_load(llm, seed=0):  # warm: compiled shapes, allocator, gRPC stream
             time.sleep(PHASE_S / 2)

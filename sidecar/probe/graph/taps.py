@@ -69,7 +69,7 @@ class Tap(nn.Module):
         try:
             x = self.extract(args, kwargs, output)
             if self.raise_in_hook:
-                raise RuntimeError(f"injected fault in the tap at {self.site}")
+                raise RuntimeError("injected fault in a tap (CIRCUITWATCH_FAULT=tap_error)")
             if x.dim() != 2 or x.shape[1] != self.width or not x.is_floating_point():
                 self.state.fill_(SHAPE)
                 return
