@@ -187,23 +187,28 @@ def rig(tmp_path_factory):
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc with the plugin's functions
     }
     engine_log = folder / "engine.log"
+    # The environment stays set: collective_rpc checks its permission on every call.
     with mock.patch.dict(os.environ, env):
-        llm = LLM(model=str(REFERENCE_DIR), dtype="float32", gpu_memory_utilization=0.2,
-                  max_model_len=256, max_num_seqs=BATCH, seed=0)  # fmt: skip
-    rig = Rig(llm, serve, socket_path, engine_log, LoadResult(), 0)
-    assert llm.collective_rpc(log_probe_to, args=(str(engine_log),)) == [True]
-    try:
-        with steady_load(llm, seed=0):  # warm: compiled shapes, allocator, gRPC stream
-            time.sleep(PHASE_S / 2)
-        with steady_load(llm, seed=1) as rig.warm:
-            time.sleep(PHASE_S)
-        rig.warm_rss = engine_rss({serve.process.pid})
-        print(f"warm-up: {rig.warm.tokens_per_s:.0f} tok/s, RSS {rig.warm_rss / 2**20:.0f} MiB")
-        assert rig.warm.failed == 0 and rig.probe().status.enabled
-        yield rig
-    finally:
-        rig.serve.stop()
-        stop_engine(llm)
+        try:
+            llm = LLM(model=str(REFERENCE_DIR), dtype="float32", gpu_memory_utilization=0.2,
+                      max_model_len=256, max_num_seqs=BATCH, seed=0)  # fmt: skip
+        except BaseException:
+            serve.stop()
+            raise
+        rig = Rig(llm, serve, socket_path, engine_log, LoadResult(), 0)
+        try:
+            assert llm.collective_rpc(log_probe_to, args=(str(engine_log),)) == [True]
+            with steady_load(llm, seed=0):  # warm: compiled shapes, allocator, gRPC stream
+                time.sleep(PHASE_S / 2)
+            with steady_load(llm, seed=1) as rig.warm:
+                time.sleep(PHASE_S)
+            rig.warm_rss = engine_rss({serve.process.pid})
+            print(f"warm-up: {rig.warm.tokens_per_s:.0f} tok/s, RSS {rig.warm_rss / 2**20:.0f} MiB")
+            assert rig.warm.failed == 0 and rig.probe().status.enabled
+            yield rig
+        finally:
+            rig.serve.stop()
+            stop_engine(llm)
 
 
 def test_a_sidecar_killed_and_restarted_costs_no_request_and_its_outage_is_counted(rig):

@@ -131,4 +131,4 @@ class FaultInjection:
     def check(self, point: str, step: int) -> None:
         """Raise ``InjectedFault`` if this injection is due at ``point`` on ``step``."""
         if point == self.point and step >= self.from_step:
-            raise InjectedFault(f"injected fault at {point} (step {step}, CIRCUITWATCH_FAULT)")
+            raise InjectedFault(f"injected fault at {point} (step {step}, a test hook)")
