@@ -122,12 +122,18 @@ class TapSet:
             tap.state.zero_()
         for tap, state in zip(self.taps, states, strict=True):
             if state == NOT_RUN:
-                raise ProbeFault(SITE_MISSING, f"the tap at {tap.site} did not run in a forward")
+                raise ProbeFault(
+                    SITE_MISSING, f"the tap at {tap.site.name} did not run in a forward"
+                )
             if state == SHAPE:
                 shape = f"[tokens, {tap.width}] floating point"
-                raise ProbeFault(SITE_SHAPE, f"the tap at {tap.site} met no {shape} activation")
+                raise ProbeFault(
+                    SITE_SHAPE, f"the tap at {tap.site.name} met no {shape} activation"
+                )
             if state == FAILED:
-                raise ProbeFault(TAP_ERROR, f"the tap at {tap.site} raised while traced or run")
+                raise ProbeFault(
+                    TAP_ERROR, f"the tap at {tap.site.name} raised while traced or run"
+                )
 
     def inject(self, point: str) -> None:
         """Test hook (``CIRCUITWATCH_FAULT``): make the first tap fail at ``point`` before the
