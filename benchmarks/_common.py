@@ -115,6 +115,43 @@ class Spread:
         return f"{self.mean * scale:{fmt}} ± {self.stdev * scale:{fmt}}"
 
 
+@dataclass(frozen=True)
+class Trend:
+    """Where a series (RSS in MiB, say) sits after a warm-up, and how fast it moves.
+
+    ``start`` and ``end``: medians of the first and last quarter of the samples after the
+    warm-up (medians: RSS wobbles by a page or two); ``slope_per_min``: a least-squares line
+    through those samples; ``high``: the largest sample, warm-up included.
+    """
+
+    start: float
+    end: float
+    high: float
+    slope_per_min: float
+
+    @property
+    def growth(self) -> float:
+        return self.end - self.start
+
+    @classmethod
+    def of(cls, seconds: Sequence[float], values: Sequence[float], warmup: float = 0.2) -> Trend:
+        """``values`` sampled at ``seconds``; the first ``warmup`` share of the span is skipped."""
+        times = np.asarray(seconds, dtype=np.float64)
+        series = np.asarray(values, dtype=np.float64)
+        if series.size == 0:
+            raise ValueError("no samples")
+        steady = times >= times[0] + warmup * (times[-1] - times[0])
+        kept_t, kept = times[steady], series[steady]
+        slope = float(np.polyfit(kept_t, kept, 1)[0]) * 60 if kept.size > 1 else 0.0
+        quarter = max(1, kept.size // 4)
+        return cls(
+            start=float(np.median(kept[:quarter])),
+            end=float(np.median(kept[-quarter:])),
+            high=float(series.max()),
+            slope_per_min=slope,
+        )
+
+
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 99)) -> dict[str, float]:
     """``{"p50": ..., "p99": ...}``; NaN for an empty sample."""
     if len(values) == 0:

@@ -47,11 +47,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks._common import (
     RESULTS_DIR,
     Table,
+    Trend,
     load_note,
     machine_info,
     percentiles,
@@ -206,12 +205,8 @@ def sustained_run(setup: Setup, batch_tokens: int, rate: float, seconds: float) 
     tokens = total * traffic.slots * traffic.workload.tokens_per_request
     _check("sustained", summary, total, tokens, before, server.counts())
     server.stop()
-    times = np.array([t for t, _ in rss])
-    mib = np.array([m for _, m in rss])
-    steady = times >= 0.2 * times[-1]
-    slope = float(np.polyfit(times[steady], mib[steady], 1)[0]) * 60 if steady.sum() > 1 else 0.0
-    quarter = max(1, int(steady.sum()) // 4)  # medians: RSS wobbles by a page or two
-    first, last = float(np.median(mib[steady][:quarter])), float(np.median(mib[-quarter:]))
+    mib = [m for _, m in rss]
+    trend = Trend.of([t for t, _ in rss], mib, warmup=0.2)
     return Sustained(
         batch_tokens=batch_tokens,
         seconds=elapsed,
@@ -220,12 +215,12 @@ def sustained_run(setup: Setup, batch_tokens: int, rate: float, seconds: float) 
         tokens=tokens,
         latency_s=percentiles(latency),
         finished_measured=len(latency),
-        rss_mib_start=first,
-        rss_mib_end=last,
-        rss_mib_max=float(mib.max()),
-        rss_slope_mib_per_min=slope,
+        rss_mib_start=trend.start,
+        rss_mib_end=trend.end,
+        rss_mib_max=trend.high,
+        rss_slope_mib_per_min=trend.slope_per_min,
         rss_samples_mib=[round(float(m), 2) for m in mib],
-        flat=last - first <= max(1.0, 0.01 * first),
+        flat=trend.growth <= max(1.0, 0.01 * trend.start),
     )
 
 

@@ -126,6 +126,25 @@ def test_length_regression_matches_least_squares_and_ignores_outliers():
     assert fit_baseline(y, log_tokens, length_control=True).slope[0] == pytest.approx(0.3, abs=0.02)
 
 
+def test_lengths_outside_the_window_are_scored_at_its_nearest_end():
+    # A window of 20-400 token prompts; a 50,000-token prompt must not be extrapolated to.
+    config = AnomalyConfig(warmup=60, window=200, refit_every=10_000)  # one fit for both
+    monitor = AnomalyMonitor(CIRCUITS, config)
+    for r in stream(4, 60, log_prompt=lambda rng, n: rng.uniform(3.0, 6.0, n), slope=0.5):
+        monitor.score(r)
+    generation = phase("generation", 50, [0.5 * np.log(51)] * 3)
+
+    def z(tokens: int) -> dict[str, float]:
+        aggregates = [0.5 * np.log(400)] * 3  # what a 400-token prompt typically reads
+        scores = monitor.score(record(tokens, phase("prompt", tokens, aggregates), generation))
+        return {s.detector: s.score for s in scores}
+
+    at_end, far = z(400), z(50_000)
+    for name in NAMES:
+        assert far[name] == pytest.approx(at_end[name], abs=0.1)
+        assert far[name] < config.threshold  # unclamped, 0.5 * log(125) of drift reads as 10 sigma
+
+
 def test_shrunk_covariance_matches_the_direct_formula():
     rng = np.random.default_rng(5)
     x = rng.multivariate_normal(np.zeros(4), CORRELATION[:4, :4], size=40)

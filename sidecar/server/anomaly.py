@@ -34,7 +34,10 @@ would never warm up) and removes the trend inside what would be one bucket too; 
 is that a dependence that is not linear in log length is only partly removed. The token
 count is the phase's scored tokens: the length itself when every token is sampled; a
 fractional ``CIRCUITWATCH_SAMPLE`` shifts log length by a constant, which the intercept
-absorbs; a token cap flattens it. ``length_control=False`` scores the raw aggregates.
+absorbs; a token cap flattens it. A request longer or shorter than every request in the
+window is scored at the window's nearest length: the line is not extrapolated, so a
+10,000-token jailbreak is judged by its content, not by a slope fitted on short chats.
+``length_control=False`` scores the raw aggregates.
 
 **Warm-up and adaptation.** Each model (``model_name``) has its own baseline. Its first
 ``warmup`` requests only fill the window; they get no scores. After that the baseline is
@@ -146,6 +149,10 @@ class BaselineFit:
     scale: np.ndarray  # [d], robust sigma of the residuals
     covered: np.ndarray  # bool [d]: dimensions in the covariance
     covariance: np.ndarray | None  # [covered, covered] of the standardised residuals
+    # The window's range of log token counts [d]: a request outside it is scored at the
+    # nearest end, because a line fitted on 20-200 tokens says nothing about 5,000.
+    log_low: np.ndarray
+    log_high: np.ndarray
 
 
 def _line(log_tokens: np.ndarray, values: np.ndarray) -> tuple[float, float]:
@@ -167,11 +174,13 @@ def fit_baseline(values: np.ndarray, log_tokens: np.ndarray, length_control: boo
     d = values.shape[1]
     intercept, slope = np.zeros(d), np.zeros(d)
     centre, scale = np.full(d, np.nan), np.full(d, np.nan)
+    log_low, log_high = np.zeros(d), np.zeros(d)
     for j in range(d):
         present = ~np.isnan(values[:, j])
         if present.sum() < MIN_FIT:
             continue
         y, lengths = values[present, j], log_tokens[present, j]
+        log_low[j], log_high[j] = lengths.min(), lengths.max()
         if length_control:
             intercept[j], slope[j] = _line(lengths, y)
         centre[j], scale[j] = robust_location_scale(y - intercept[j] - slope[j] * lengths)
@@ -182,7 +191,7 @@ def fit_baseline(values: np.ndarray, log_tokens: np.ndarray, length_control: boo
     covariance = None
     if covered.any() and complete.sum() >= MIN_FIT:
         covariance = shrunk_covariance(standardised[np.ix_(complete, covered)])[0]
-    return BaselineFit(intercept, slope, centre, scale, covered, covariance)
+    return BaselineFit(intercept, slope, centre, scale, covered, covariance, log_low, log_high)
 
 
 class _Baseline:
@@ -212,6 +221,7 @@ class _Baseline:
     def _score(
         self, fit: BaselineFit, x: np.ndarray, log_tokens: np.ndarray
     ) -> tuple[np.ndarray, float]:
+        log_tokens = np.clip(log_tokens, fit.log_low, fit.log_high)
         u = (x - fit.intercept - fit.slope * log_tokens - fit.centre) / fit.scale
         if fit.covariance is None:
             return np.abs(u), float("nan")
