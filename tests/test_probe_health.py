@@ -4,6 +4,7 @@ the sidecar's metrics of it, each fault counted once across reconnects."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 from probe_engine_helpers import CollectingServer
+from test_probe_drain import make_drain, run_step
 from test_probe_shipper import Step, resolve, wait_until
 from test_server_grpc import MODEL, Engine, scrape, send, start, value
 from torch import nn
 
+from sidecar.models.registry import REFERENCE_SPEC
 from sidecar.probe.config import ENV_ENDPOINT, ENV_FAULT, ENV_SPEC, ProbeConfig
 from sidecar.probe.graph.reduce import SiteReducer, SiteShard
 from sidecar.probe.graph.taps import PositionTap, Tap, TapSet
@@ -22,6 +25,7 @@ from sidecar.probe.host.health import (
     DRAIN_COLLECT,
     DRAIN_RESOLVE,
     HEALTHY,
+    PROBE_OFF,
     SITE_MISSING,
     SITE_SHAPE,
     TAP_ERROR,
@@ -31,7 +35,9 @@ from sidecar.probe.host.health import (
     ProbeHealth,
 )
 from sidecar.probe.host.shipper import Shipper
+from sidecar.probe.runtime import TraceParents, WorkerProbe
 from sidecar.protocol.batch import PROMPT, TokenBatch
+from sidecar.spec.load import load_spec
 from sidecar.spec.schema import Component, ComponentKind
 from sidecar.spec.sites import Site
 
@@ -193,6 +199,34 @@ def test_a_probe_turned_off_tells_the_sidecar_and_every_sidecar_after_it(tmp_pat
         assert server.batches[0].probe_off
     finally:
         shipper.close(timeout_s=2)
+        server.stop()
+
+
+def test_a_failing_resolve_turns_the_probe_off_and_what_it_held_counts_as_dropped(tmp_path):
+    """The probe's own resolve on the shipper thread, a real drain, shipper and gRPC server."""
+    drain, taps, drops = make_drain()
+    socket_path = tmp_path / "ingest.sock"
+    server = CollectingServer(socket_path, 5)
+    health = ProbeHealth()
+    ship = functools.partial(
+        Shipper, f"unix://{socket_path}", drops=drops, status=health.status, empty=drain.empty
+    )
+    fault = FaultInjection("resolve", from_step=2)
+    spec = load_spec(REFERENCE_SPEC)
+    probe = WorkerProbe(spec, taps, drain, ship, 0, TraceParents(), health, fault)
+    try:
+        probe.shipper.submit(run_step(drain, taps, 1, [("a-0000000a", 3, [0, 1, 2])]))
+        assert wait_until(lambda: len(server.batches) == 1)
+        assert server.batches[0].num_tokens == 3 and not server.batches[0].probe_off
+        probe.shipper.submit(run_step(drain, taps, 2, [("a-0000000a", 3, [3])]))
+        assert wait_until(lambda: len(server.batches) == 2)
+        status = server.batches[1]
+        assert status.is_status and status.probe_off
+        assert status.probe_errors_total == {DRAIN_RESOLVE: 1}
+        assert status.dropped_total == {PROBE_OFF: 1}  # step 2's one token, never scored
+        assert drain.ring.in_use() == 0  # its rows were given back
+    finally:
+        probe.close()
         server.stop()
 
 
