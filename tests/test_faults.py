@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
-import psutil
 import pytest
 from probe_engine_helpers import stop_engine, wait_for
 from test_reconnect import Serve
 from test_server_grpc import scrape
 
+from benchmarks._processes import descendants, rss_bytes
 from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
 from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
 from sidecar.probe.host.health import DRAIN_COLLECT
@@ -103,17 +103,12 @@ def steady_load(llm, seed: int) -> Iterator[LoadResult]:
         result.seconds = time.monotonic() - started
 
 
-def engine_rss(sidecar_pids: set[int]) -> int:
-    """Resident bytes of this process (the LLM front end) and its children but the sidecar."""
-    me = psutil.Process()
-    processes = [me, *(p for p in me.children(recursive=True) if p.pid not in sidecar_pids)]
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+def engine_rss(sidecar_pid: int) -> int:
+    """Resident bytes of this process (the LLM front end) and its descendants (engine core,
+    worker), the sidecar's tree left out."""
+    me = os.getpid()
+    sidecar = {sidecar_pid} | descendants(sidecar_pid)
+    return sum(rss_bytes(pid) or 0 for pid in ({me} | descendants(me)) - sidecar)
 
 
 def metric(serve: Serve, name: str, **labels: str) -> float | None:
@@ -158,7 +153,7 @@ class Rig:
 
     def check_served(self, load: LoadResult, phase: str) -> None:
         ratio = load.tokens_per_s / self.warm.tokens_per_s
-        rss = engine_rss({self.serve.process.pid})
+        rss = engine_rss(self.serve.process.pid)
         print(
             f"{phase}: {load.requests} requests, {load.failed} failed, "
             f"{load.tokens_per_s:.0f} tok/s ({ratio:.0%} of warm-up), "
@@ -202,7 +197,7 @@ def rig(tmp_path_factory):
                 time.sleep(PHASE_S / 2)
             with steady_load(llm, seed=1) as rig.warm:
                 time.sleep(PHASE_S)
-            rig.warm_rss = engine_rss({serve.process.pid})
+            rig.warm_rss = engine_rss(serve.process.pid)
             print(f"warm-up: {rig.warm.tokens_per_s:.0f} tok/s, RSS {rig.warm_rss / 2**20:.0f} MiB")
             assert rig.warm.failed == 0 and rig.probe().status.enabled
             yield rig
