@@ -43,6 +43,8 @@ SIDECAR_METRICS = {
     "circuitwatch_probe_dropped_tokens_total": {"model_name", "rank", "reason"},
     "circuitwatch_prefix_cached_tokens_total": {"model_name"},
     "circuitwatch_ingest_errors_total": {"reason"},
+    "circuitwatch_probe_enabled": {"model_name", "rank"},
+    "circuitwatch_probe_errors_total": {"model_name", "rank", "reason"},
     "circuitwatch_trace_context_invalid_total": set(),
     "circuitwatch_circuit_firing_tokens_total": {"circuit", "model_name"},
     "circuitwatch_verdicts_total": {"circuit", "model_name", "phase", "verdict"},

@@ -57,7 +57,7 @@ def test_round_trip_keeps_every_column():
             "request_index: 5",
         ),
         (lambda m: setattr(m, "rank", 1), "rank 1 out of range"),
-        (lambda m: m.ClearField("steps"), "names at least one engine step"),
+        (lambda m: m.ClearField("steps"), "a batch with tokens or requests names an engine step"),
         (lambda m: m.steps.append(3), r"steps: \[7, 3\] is not strictly ascending"),
         (lambda m: m.steps.append(8), "step_tokens: 0 entries for 2 steps"),
         (lambda m: m.step_tokens.extend([1, 1]), "step_tokens: 2 entries for 1 steps"),
@@ -69,6 +69,29 @@ def test_malformed_batches_are_rejected_with_the_reason(corrupt, message):
     corrupt(msg)
     with pytest.raises(MalformedBatch, match=message):
         from_message(msg, 3)
+
+
+def test_a_status_message_carries_the_probe_state_and_nothing_else():
+    status = TokenBatch(
+        spec_hash="sha256:abc",
+        model_name="m",
+        steps=(),
+        component_ids=np.arange(2, dtype=np.uint32),
+        request_ids=[],
+        request_index=np.zeros(0, np.uint32),
+        positions=np.zeros(0, np.int32),
+        phases=np.zeros(0, np.uint8),
+        values=np.zeros((0, 2), np.float32),
+        dropped_total={"queue_full": 3},
+        probe_off=True,
+        probe_errors_total={"drain_collect": 1},
+    )
+    raw = to_message(status).SerializeToString()
+    back = from_message(ingest_pb2.SampleBatch.FromString(raw), 2)
+    assert back.is_status and back.num_tokens == 0 and back.split_steps() == []
+    assert back.probe_off and back.probe_errors_total == {"drain_collect": 1}
+    assert back.dropped_total == {"queue_full": 3}
+    assert not from_message(to_message(_batch()), 2).probe_off
 
 
 def _two_steps() -> TokenBatch:

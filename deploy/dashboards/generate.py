@@ -308,6 +308,22 @@ def rows() -> tuple[Row, ...]:
                     ),
                 ),
             ),
+            Panel(
+                "Probes",
+                "1 while an engine worker's probe runs, 0 once a fault turned it off; and the "
+                "faults inside the probes so far, by reason.",
+                (
+                    Query(
+                        f"min by (model_name, rank) (circuitwatch_probe_enabled{{{MODEL}}})",
+                        "on: {{model_name}} rank {{rank}}",
+                    ),
+                    Query(
+                        f"sum by (reason) (circuitwatch_probe_errors_total{{{MODEL}}})",
+                        "faults: {{reason}}",
+                    ),
+                ),
+                width=6,
+            ),
         ),
     )
     return (overview, activity, anomaly, per_circuit, pipeline)

@@ -7,6 +7,11 @@
     CIRCUITWATCH_QUEUE_SIZE  steps the shipper may hold while the sidecar is slow (default 256)
     CIRCUITWATCH_LINGER_MS   how long the shipper gathers steps into one message (default 50):
                              longer costs the engine less and delays the metrics more
+    CIRCUITWATCH_FAULT       test hook, never set in production: make the probe fail for real
+                             at one point (tap_error, site_missing, site_shape, collect or
+                             resolve, e.g. ``collect@20``: from engine step 20), to see it turn
+                             off, logged and exported while the engine serves on
+                             (``sidecar.probe.host.health``)
 
 vLLM starts its engine processes with the environment of the process that launched it, so
 these must be set before the engine starts.
@@ -21,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.probe.host.attribution import DEFAULT_SAMPLE, SamplePolicy
+from sidecar.probe.host.health import FaultInjection
 
 ENV_SPEC = "CIRCUITWATCH_SPEC"
 ENV_ENDPOINT = "CIRCUITWATCH_ENDPOINT"
 ENV_SAMPLE = "CIRCUITWATCH_SAMPLE"
 ENV_QUEUE_SIZE = "CIRCUITWATCH_QUEUE_SIZE"
 ENV_LINGER_MS = "CIRCUITWATCH_LINGER_MS"
+ENV_FAULT = "CIRCUITWATCH_FAULT"
 DEFAULT_QUEUE_SIZE = 256
 DEFAULT_LINGER_MS = 50.0
 
@@ -38,6 +45,7 @@ class ProbeConfig:
     sample: SamplePolicy = SamplePolicy.parse(DEFAULT_SAMPLE)
     queue_size: int = DEFAULT_QUEUE_SIZE
     linger_ms: float = DEFAULT_LINGER_MS
+    fault: FaultInjection | None = None  # test hook
 
     def __post_init__(self):
         if not self.endpoint.strip():
@@ -64,7 +72,13 @@ class ProbeConfig:
             raise ValueError(f"{ENV_SAMPLE}: {e}") from None
         queue_size = _parse(env, ENV_QUEUE_SIZE, DEFAULT_QUEUE_SIZE, int, _check_queue_size)
         linger_ms = _parse(env, ENV_LINGER_MS, DEFAULT_LINGER_MS, float, _check_linger_ms)
-        return cls(Path(spec), endpoint, sample, queue_size, linger_ms)
+        fault = None
+        if env.get(ENV_FAULT, "").strip():
+            try:
+                fault = FaultInjection.parse(env[ENV_FAULT])
+            except ValueError as e:
+                raise ValueError(f"{ENV_FAULT}: {e}") from None
+        return cls(Path(spec), endpoint, sample, queue_size, linger_ms, fault)
 
 
 def _check_queue_size(steps: int) -> None:

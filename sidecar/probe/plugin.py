@@ -11,7 +11,8 @@ Wrapping is idempotent. Nothing here raises into vLLM: a bad setting, a bad spec
 unsupported model or a failing drain is logged and the engine serves without probes.
 
 For tests and operators, ``probe_stats`` and ``probe_flush`` run on a worker through
-``LLM.collective_rpc`` (which needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` for functions).
+``LLM.collective_rpc`` (which needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` for functions);
+``probe_inject_fault`` is a test hook that makes a running probe fail at a named point.
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def probe_stats(worker: Any):
     """This worker's ``ProbeStats``, or None when it runs without probes."""
     probe = vllm_internals.attached_probe(worker)
     return None if probe is None else probe.stats()
+
+
+def probe_inject_fault(worker: Any, fault: str) -> bool:
+    """Test hook: make this worker's probe fail from now on at ``fault`` ("collect" or
+    "resolve", see ``health.FaultInjection``); False when it runs without probes."""
+    from sidecar.probe.host.health import INSTALL_POINTS, FaultInjection
+
+    probe = vllm_internals.attached_probe(worker)
+    injection = FaultInjection.parse(fault)
+    if injection.point in INSTALL_POINTS:
+        raise ValueError(f"{fault!r} happens only when the taps are traced: use CIRCUITWATCH_FAULT")
+    if probe is not None:
+        probe.inject(injection)
+    return probe is not None
 
 
 def probe_flush(worker: Any, timeout_s: float = 10.0) -> bool:

@@ -9,12 +9,29 @@ What it reads of vLLM (the engine, each step's layout, trace contexts) comes thr
 ``sidecar.probe.vllm_internals``. With async scheduling (vLLM's default where supported) the
 forward may still be running when ``execute_model`` returns; the drain's copies are queued on
 the same stream after it, so nothing here waits for it.
+
+Faults (see ``sidecar.probe.host.health``): a tap that failed, a site whose tap did not run
+(checked on the first ``CHECKED_STEPS`` steps), ``Drain.collect`` raising here or
+``Drain.resolve`` raising on the shipper thread turn this worker's probe off, logged once,
+counted, and reported to the sidecar by the shipper. What a probe turned off still costs:
+``after_step`` returns at its first line, the drain and shipper do nothing (but keep a
+stream open for status), and the taps stay in the compiled graph: vLLM compiles the
+model once, and detaching the hooks would not take them out of that graph (it would only
+help eager mode, and could make a guarded graph recompile mid-serving). So the engine keeps
+paying the taps' kernels per forward: BENCHMARKS.md measures exactly that state as
+configuration 2a ("taps only", ``after_step`` a no-op): 101.4 % ± 1.9 of the baseline's
+throughput on a 220 M-parameter Llama (no measurable cost), 89 % ± 7 (busy machine) to
+96 % ± 4 (quiet) on the 2-layer reference model, whose own kernels are so small that the
+taps' launches show. tests/test_faults.py prints the same engine's throughput before and
+after its probe turned off.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +41,19 @@ from sidecar.probe.graph.adapters import CheckpointWeights, LlamaAdapter
 from sidecar.probe.graph.cache_key import compile_cache_key
 from sidecar.probe.graph.taps import TapSet, install_taps
 from sidecar.probe.host.cpus import spare_cpus
-from sidecar.probe.host.drain import BatchIdentity, Drain
-from sidecar.probe.host.shipper import DropCounts, Shipper, ShipperStats
+from sidecar.probe.host.drain import BatchIdentity, Drain, PendingStep
+from sidecar.probe.host.health import (
+    DRAIN_COLLECT,
+    DRAIN_RESOLVE,
+    PROBE_OFF,
+    FaultInjection,
+    ProbeFault,
+    ProbeHealth,
+    ProbeStatus,
+)
+from sidecar.probe.host.shipper import DropCounts, Resolve, Shipper, ShipperStats
 from sidecar.probe.vllm_internals import EngineView, StepLayout, key_compile_cache, read_step
-from sidecar.protocol.batch import row_bytes
+from sidecar.protocol.batch import TokenBatch, row_bytes
 from sidecar.spec.identity import shape_from_config
 from sidecar.spec.load import check_model, check_shape, load_spec
 from sidecar.spec.schema import CircuitSpec
@@ -36,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 RING_FORWARDS = 4
 MESSAGE_BYTES = 2**20  # what one message aims at: cheap to build, far below the limit
+# Steps whose forward is checked for taps that did not run or failed: a compiled graph holds
+# a tap from its first forward on or never, and an eager hook runs on every forward.
+CHECKED_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -45,6 +74,7 @@ class ProbeStats:
     steps: int  # engine steps seen
     component_ids: tuple[int, ...]  # the columns this rank ships
     shipper: ShipperStats
+    status: ProbeStatus  # on or off, and the faults so far by reason
 
 
 class WorkerProbe:
@@ -53,18 +83,23 @@ class WorkerProbe:
         spec: CircuitSpec,
         taps: TapSet,
         drain: Drain,
-        shipper: Shipper,
+        ship: Callable[[Resolve], Shipper],
         rank: int,
         trace_parents: TraceParents,
+        health: ProbeHealth,
+        fault: FaultInjection | None = None,
     ):
+        """``ship(resolve)``: the shipper, given the function that builds its batches."""
         self.spec = spec
+        self.health = health
+        self.fault = fault  # test hook, see health.FaultInjection
         self.trace_parents = trace_parents
         self.taps = taps
         self.drain = drain
-        self.shipper = shipper
+        self.shipper = ship(self._resolve)
         self.rank = rank
         self.steps = 0
-        self._failed = False
+        self._checked = 0  # forwards checked for taps that did not run
 
     @classmethod
     def build(cls, config: ProbeConfig, engine: EngineView) -> WorkerProbe:
@@ -106,15 +141,23 @@ class WorkerProbe:
         ring_rows = RING_FORWARDS * engine.max_tokens_per_forward
         trace_parents = TraceParents()
         drain = Drain(taps, identity, config.sample, drops, ring_rows, trace_parents.take)
-        shipper = Shipper(
+        health = ProbeHealth()
+        fault = config.fault
+        if fault is not None:
+            logger.warning("circuitwatch: injecting fault %s (CIRCUITWATCH_FAULT)", fault)
+            taps.inject(fault.point)
+        ship = functools.partial(
+            Shipper,
             config.endpoint,
-            drain.resolve,
             capacity=config.queue_size,
             drops=drops,
             cpus=spare_cpus(),
             linger_s=config.linger_ms / 1000,
             max_tokens=max(1, MESSAGE_BYTES // row_bytes(len(taps.component_ids))),
+            status=health.status,
+            empty=drain.empty,
         )
+        probe = cls(spec, taps, drain, ship, engine.rank, trace_parents, health, fault)
         logger.info(
             "circuitwatch: rank %d/%d taps %d sites, ships %d of %d components to %s",
             engine.rank,
@@ -124,11 +167,11 @@ class WorkerProbe:
             len(spec.components),
             config.endpoint,
         )
-        return cls(spec, taps, drain, shipper, engine.rank, trace_parents)
+        return probe
 
     def after_step(self, runner: Any, scheduler_output: Any) -> None:
         """Drain this step into the shipper. Never raises: a failure turns the probe off."""
-        if self._failed:
+        if not self.health.enabled:
             return
         self.steps += 1
         try:
@@ -141,14 +184,41 @@ class WorkerProbe:
                 layout = StepLayout.empty()
             else:
                 return
+            if layout.num_tokens and self._checked < CHECKED_STEPS:
+                self._checked += 1
+                self.taps.check()  # raises ProbeFault naming the tap and the reason
+            if self.fault is not None:
+                self.fault.check("collect", self.steps)
             pending = self.drain.collect(
                 self.steps, layout, step.finished, dict(step.prefix_cached)
             )
             if pending is not None:
                 self.shipper.submit(pending)
-        except Exception:
-            self._failed = True
-            logger.exception("circuitwatch: drain failed; probes off, the engine serves on")
+        except Exception as error:
+            self._fail(error.reason if isinstance(error, ProbeFault) else DRAIN_COLLECT, error)
+
+    def _resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
+        """``Drain.resolve`` on the shipper thread; a failure turns the probe off."""
+        if self.health.enabled:
+            try:
+                if self.fault is not None:
+                    self.fault.check("resolve", steps[-1].step)
+                return self.drain.resolve(steps)
+            except Exception as error:
+                self._fail(DRAIN_RESOLVE, error)
+        # Drained and never to be scored: counted as dropped, so the books still balance.
+        self.drain.drops.add(PROBE_OFF, sum(p.tokens for p in steps))
+        for pending in steps:
+            pending.discard()
+        return None
+
+    def _fail(self, reason: str, error: BaseException) -> None:
+        self.health.fail(reason, error)
+        self.shipper.wake()
+
+    def inject(self, fault: FaultInjection) -> None:
+        """Test hook: arm ``fault`` (a runtime point: collect or resolve) from now on."""
+        self.fault = fault
 
     def close(self, timeout_s: float = 2.0) -> None:
         self.shipper.close(timeout_s)
@@ -160,6 +230,7 @@ class WorkerProbe:
             steps=self.steps,
             component_ids=tuple(int(i) for i in self.taps.component_ids),
             shipper=self.shipper.stats(),
+            status=self.health.status(),
         )
 
 

@@ -64,6 +64,14 @@ class TokenBatch:
     base_dropped_total: dict[str, int] = field(default_factory=dict)
     # Prompt tokens served from the prefix cache, by request id, sent with its first tokens.
     prefix_cached_tokens: dict[str, int] = field(default_factory=dict)
+    # The sender's probe state (see ``sidecar.probe.host.health``), in every message.
+    probe_off: bool = False
+    probe_errors_total: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_status(self) -> bool:
+        """A status message: no steps, so no rows; only the probe state and drop counts."""
+        return not self.steps
 
     @property
     def num_tokens(self) -> int:
@@ -147,6 +155,8 @@ def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
         base_shipped_tokens_total=batch.base_shipped_tokens_total,
         base_dropped_total=batch.base_dropped_total,
         prefix_cached_tokens=batch.prefix_cached_tokens,
+        probe_off=batch.probe_off,
+        probe_errors_total=batch.probe_errors_total,
     )
 
 
@@ -182,8 +192,8 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
     if n and int(phases.max()) > GENERATED:
         raise MalformedBatch(f"phases: value {int(phases.max())} is neither 0 nor 1")
     steps = tuple(msg.steps)
-    if not steps:
-        raise MalformedBatch("steps: a batch names at least one engine step")
+    if not steps and (n or msg.request_ids or msg.finished_request_ids):
+        raise MalformedBatch("steps: a batch with tokens or requests names an engine step")
     if any(b <= a for a, b in itertools.pairwise(steps)):
         raise MalformedBatch(f"steps: {list(steps)[:8]} is not strictly ascending")
     if msg.shipped_tokens_total and msg.shipped_tokens_total < n:
@@ -215,6 +225,8 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
         base_shipped_tokens_total=msg.base_shipped_tokens_total,
         base_dropped_total=dict(msg.base_dropped_total),
         prefix_cached_tokens=dict(msg.prefix_cached_tokens),
+        probe_off=msg.probe_off,
+        probe_errors_total=dict(msg.probe_errors_total),
     )
 
 
@@ -222,7 +234,7 @@ def _step_shares(
     shares: Sequence[int], steps: tuple[int, ...], total: int, name: str
 ) -> tuple[int, ...]:
     """Check one per-step split of ``total`` items against ``steps`` (already checked)."""
-    if not shares and len(steps) == 1:
+    if not shares and len(steps) <= 1:
         return ()
     if len(shares) != len(steps):
         raise MalformedBatch(f"{name}: {len(shares)} entries for {len(steps)} steps")

@@ -7,6 +7,9 @@ against the server's spec hash, and handed to the ``Pipeline``; rejections are c
 ``circuitwatch_ingest_errors_total{reason}`` and logged at most once per interval per
 reason. Every decoded message is entered in the books first (``Pipeline.receive``, per
 sender across its streams, see ``books.py``), so the rows of a refused one count too.
+Every message's probe state goes to ``circuitwatch_probe_enabled`` /
+``circuitwatch_probe_errors_total``; a status message (no steps, sent by a probe a fault
+turned off) stops there.
 
 ``EngineStreams`` follows which engines have a stream open: an engine whose streams all
 ended and that stays silent for ``grace`` seconds, or whose successor (a new engine id for
@@ -160,7 +163,8 @@ class IngestService:
         pipeline = self.pipeline
         metrics = pipeline.metrics
         model_name = metrics.model_label(batch.model_name)
-        metrics.model(model_name).batches.inc()
+        if not batch.is_status:
+            metrics.model(model_name).batches.inc()
         if senders is not None and batch.engine_id not in senders:
             senders.add(batch.engine_id)
             self.engines.opened(batch.engine_id, batch.model_name, batch.world_size)
@@ -177,7 +181,9 @@ class IngestService:
         except Rejected:
             pipeline.refuse(batch)
             raise
-        pipeline.ingest(batch, now)
+        metrics.probe_status(model_name, batch.rank, not batch.probe_off, batch.probe_errors_total)
+        if not batch.is_status:
+            pipeline.ingest(batch, now)
 
     def tick(self, now: float) -> None:
         """The periodic work: the pipeline's, and forgetting the engines that are gone."""

@@ -31,6 +31,13 @@ anomaly threshold added as a boundary. ``circuitwatch_anomalous_requests_total``
 the requests whose score is above that threshold; its series exist from a model's first
 batch.
 
+``circuitwatch_probe_enabled`` (per model and rank) is 1 while the engine worker's probe
+runs and 0 once a fault turned it off; ``circuitwatch_probe_errors_total`` counts those
+faults by reason (``sidecar.probe.host.health.REASONS``). Both come from the probe's
+cumulative state in every message (a probe that is off sends status messages), turned into
+increments per (model, rank, reason) across streams, so a reconnect counts nothing twice;
+a total lower than before (an engine restarted) counts afresh.
+
 ``circuitwatch_token_to_metric_seconds`` measures, per request, from the arrival of the
 request's first tokens to its record being observed: the longest any of its tokens waited
 before showing in a metric (scores reach metrics once per request, when it finishes).
@@ -56,6 +63,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 AGGREGATIONS = ("mean", "max")  # observed for every circuit, besides its configured kind
 OTHER = "other"
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+_MAX_PROBE_ERROR_KEYS = 1024  # (model, rank, reason) totals remembered for increments
 
 
 class BoundedLabel:
@@ -109,6 +117,8 @@ class SidecarMetrics:
         self.model_label = BoundedLabel(max_models)
         self.reason_label = BoundedLabel(max_drop_reasons)
         self.rank_label = BoundedLabel(max_ranks)
+        self.probe_error_label = BoundedLabel(max_drop_reasons)
+        self._probe_errors: dict[tuple[str, str, str], int] = {}  # last total by key
         buckets = sorted(set(score_buckets) | thresholds)
         self.histogram_circuit_score = Histogram(
             "circuitwatch_circuit_score",
@@ -213,6 +223,18 @@ class SidecarMetrics:
             "span then starts a trace of its own).",
             registry=registry,
         )
+        self.gauge_probe_enabled = Gauge(
+            "circuitwatch_probe_enabled",
+            "1 while an engine worker's probe runs, 0 once a fault turned it off.",
+            ["model_name", "rank"],
+            registry=registry,
+        )
+        self.counter_probe_errors = Counter(
+            "circuitwatch_probe_errors_total",
+            "Faults inside engine workers' probes, by reason; the first turns the probe off.",
+            ["model_name", "rank", "reason"],
+            registry=registry,
+        )
         self.gauge_live_requests = Gauge(
             "circuitwatch_live_requests",
             "Requests with aggregation state in the sidecar.",
@@ -242,6 +264,23 @@ class SidecarMetrics:
     def drop(self, model_name: str, reason: str, tokens: int) -> None:
         if tokens > 0:
             self.counter_samples_dropped.labels(model_name, reason).inc(tokens)
+
+    def probe_status(
+        self, model_name: str, rank: int, enabled: bool, errors_total: dict[str, int]
+    ) -> None:
+        """One message's probe state: ``errors_total`` are the sender's cumulative counts."""
+        rank_label = self.rank_label(str(rank))
+        self.gauge_probe_enabled.labels(model_name, rank_label).set(1 if enabled else 0)
+        for reason, total in errors_total.items():
+            key = (model_name, rank_label, reason)
+            last = self._probe_errors.get(key)
+            if last is None and len(self._probe_errors) >= _MAX_PROBE_ERROR_KEYS:
+                continue
+            self._probe_errors[key] = total
+            delta = total if last is None or total < last else total - last
+            if delta:
+                label = self.probe_error_label(reason)
+                self.counter_probe_errors.labels(model_name, rank_label, label).inc(delta)
 
     def ingest_error(self, reason: str) -> None:
         self.counter_ingest_errors.labels(reason).inc()

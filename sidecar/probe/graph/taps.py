@@ -10,6 +10,15 @@ A ``PositionTap`` on the first layer records the positions the model was given, 
 drain attributes exactly the tokens the values came from, whatever the model runner.
 
 Buffers hold the last forward only; the drain copies them out after each engine step.
+
+A tap never raises into the forward. Each also writes a one-element ``state``: ``RAN``,
+or ``SHAPE`` when the activation it was given is not [T, width] floating point, or
+``FAILED`` when extracting or reducing it raised; in both cases it leaves ``values``
+alone. Under torch.compile the checks and the exception handler run while the hook is
+traced (shapes and dtypes are static there), so a failing tap is traced as a tap that
+only writes its state, and the engine compiles and serves; at run time a compiled
+graph's ops do not raise for these. ``TapSet.check`` reads the states after a forward
+(and resets them), so a site whose tap never ran (``NOT_RUN``) is found too.
 """
 
 from __future__ import annotations
@@ -23,27 +32,53 @@ from torch import nn
 
 from sidecar.probe.graph.adapters import Extractor, LlamaAdapter, layer_positions
 from sidecar.probe.graph.reduce import SiteReducer
+from sidecar.probe.host.health import (
+    INSTALL_POINTS,
+    SITE_MISSING,
+    SITE_SHAPE,
+    TAP_ERROR,
+    ProbeFault,
+)
 from sidecar.spec.schema import CircuitSpec
 from sidecar.spec.sites import Site
 
+NOT_RUN, RAN, SHAPE, FAILED = 0, 1, 2, 3  # a tap's ``state`` after a forward
+
 
 class Tap(nn.Module):
-    """One site's reducer and the buffer its hook writes: ``values`` [rows, k] float32."""
+    """One site's reducer and the buffers its hook writes: ``values`` [rows, k] float32 and
+    ``state`` [1] int32; ``width`` is the site's feature count on this rank."""
 
-    def __init__(self, site: Site, extract: Extractor, reducer: SiteReducer, rows: int):
+    def __init__(self, site: Site, extract: Extractor, reducer: SiteReducer, rows: int, width: int):
         super().__init__()
         self.site = site
         self.extract = extract
         self.reducer = reducer
+        self.width = width
+        self.raise_in_hook = False  # test hook: CIRCUITWATCH_FAULT=tap_error
         self.register_buffer("values", torch.zeros(rows, reducer.num_columns), persistent=False)
+        self.register_buffer("state", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def record_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = self.extract(args, kwargs, None)
-        self.values[: x.shape[0]].copy_(self.reducer(x))
+        self._record(args, kwargs, None)
 
     def record_output(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        x = self.extract(args, kwargs, output)
-        self.values[: x.shape[0]].copy_(self.reducer(x))
+        self._record(args, kwargs, output)
+
+    def _record(self, args: tuple, kwargs: dict, output: object) -> None:
+        try:
+            x = self.extract(args, kwargs, output)
+            if self.raise_in_hook:
+                raise RuntimeError("injected fault in a tap (CIRCUITWATCH_FAULT=tap_error)")
+            if x.dim() != 2 or x.shape[1] != self.width or not x.is_floating_point():
+                self.state.fill_(SHAPE)
+                return
+            values = self.reducer(x)
+        except Exception:
+            self.state.fill_(FAILED)
+            return
+        self.values[: x.shape[0]].copy_(values)
+        self.state.fill_(RAN)
 
 
 class PositionTap(nn.Module):
@@ -77,6 +112,43 @@ class TapSet:
         for handle in self.handles:
             handle.remove()
 
+    def check(self) -> None:
+        """After a forward: raise ``ProbeFault`` if a tap did not run or failed in it, and
+        reset the states for the next check. Reads the device (a sync on a GPU)."""
+        if not self.taps:
+            return
+        states = torch.cat([tap.state for tap in self.taps]).tolist()
+        for tap in self.taps:
+            tap.state.zero_()
+        for tap, state in zip(self.taps, states, strict=True):
+            if state == NOT_RUN:
+                raise ProbeFault(
+                    SITE_MISSING, f"the tap at {tap.site.name} did not run in a forward"
+                )
+            if state == SHAPE:
+                shape = f"[tokens, {tap.width}] floating point"
+                raise ProbeFault(
+                    SITE_SHAPE, f"the tap at {tap.site.name} met no {shape} activation"
+                )
+            if state == FAILED:
+                raise ProbeFault(
+                    TAP_ERROR, f"the tap at {tap.site.name} raised while traced or run"
+                )
+
+    def inject(self, point: str) -> None:
+        """Test hook (``CIRCUITWATCH_FAULT``): make the first tap fail at ``point`` before the
+        model's first forward: ``tap_error`` (its hook raises inside), ``site_missing`` (its
+        hook is detached), ``site_shape`` (it expects one more feature than the site has)."""
+        if not self.taps or point not in INSTALL_POINTS:
+            return
+        first = self.taps[0]
+        if point == "tap_error":
+            first.raise_in_hook = True
+        elif point == "site_missing":
+            self.handles[0].remove()
+        else:
+            first.width += 1
+
 
 def install_taps(
     adapter: LlamaAdapter,
@@ -99,7 +171,7 @@ def install_taps(
         reducer = SiteReducer(components, hook.shard, rank=rank, all_reduce=all_reduce)
         if reducer.num_columns == 0:
             continue  # every component here belongs to another rank
-        tap = Tap(hook.site, hook.extract, reducer, rows).to(device)
+        tap = Tap(hook.site, hook.extract, reducer, rows, hook.shard.width).to(device)
         name = "circuitwatch_" + hook.site.kind.value.replace(".", "_")
         hook.module.add_module(name, tap)
         if hook.pre:

@@ -180,6 +180,23 @@ class Drain:
             prefix_cached_tokens=prefix_cached,
         )
 
+    def empty(self) -> TokenBatch:
+        """A batch of no steps from this probe: what a status message carries."""
+        identity, k = self.identity, self.taps.component_ids
+        return TokenBatch(
+            spec_hash=identity.spec_hash,
+            model_name=identity.model_name,
+            steps=(),
+            component_ids=k,
+            request_ids=[],
+            request_index=np.zeros(0, np.uint32),
+            positions=np.zeros(0, np.int32),
+            phases=np.zeros(0, np.uint8),
+            values=np.zeros((0, k.shape[0]), np.float32),
+            rank=identity.rank,
+            world_size=identity.world_size,
+        )
+
 
 class FirstMention(Generic[T]):
     """Per-request facts that go with the first batch naming the request, then never again."""

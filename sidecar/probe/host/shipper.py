@@ -35,6 +35,12 @@ permits those pings (see service.py).
 The items queued are any ``Shippable``; the ``resolve`` function given to the shipper turns
 a group of them into one batch on the shipper thread, so waiting for a device copy and
 building arrays stay off the engine's hot path.
+
+Every message also carries the probe's state (``status``, see ``health.py``). When that
+state is not what the current stream last carried and nothing is queued (a fault turned
+the probe off, so no more steps come), the shipper sends a status message (``empty``: no
+steps, no rows) on its own; a probe that is off keeps a stream open, reconnecting like any
+other, so a sidecar started or restarted after the fault learns of it within a second.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ import grpc
 
 from sidecar.probe.config import DEFAULT_LINGER_MS
 from sidecar.probe.host.cpus import bind_current_thread
+from sidecar.probe.host.health import HEALTHY, ProbeStatus
 from sidecar.protocol.batch import TokenBatch, to_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2_grpc
 
@@ -70,6 +77,8 @@ class Shippable(Protocol):
 
 # Turns queued items, oldest first, into the batch to send (None: nothing to send).
 Resolve = Callable[[list[Shippable]], TokenBatch | None]
+# A batch of no steps from this probe, for a status message.
+Empty = Callable[[], TokenBatch]
 
 
 class DropCounts:
@@ -150,8 +159,14 @@ class Shipper:
         cpus: frozenset[int] | None = None,
         linger_s: float = DEFAULT_LINGER_MS / 1000,
         max_tokens: int = 8192,
+        status: Callable[[], ProbeStatus] = lambda: HEALTHY,
+        empty: Empty | None = None,
     ):
+        """``status``: the probe's state, read on the shipper thread; ``empty`` is needed
+        only if that state can change."""
         self.endpoint = endpoint
+        self._status = status
+        self._empty = empty
         self._resolve = resolve
         self._cpus = cpus  # the thread's CPUs (see cpus.py); None: the creator's
         self.drops = drops or DropCounts()
@@ -205,6 +220,11 @@ class Shipper:
                 shipped_tokens=self._shipped_tokens,
             )
 
+    def wake(self) -> None:
+        """The probe's status changed: let the thread tell the sidecar."""
+        with self._cond:
+            self._cond.notify_all()
+
     def flush(self, timeout_s: float) -> bool:
         """Wait until everything queued is handed to gRPC or dropped; True if in time."""
         with self._cond:
@@ -225,7 +245,10 @@ class Shipper:
         delays = self._backoff.delays()
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
+                # A probe that is off has a status to tell every sidecar it reaches.
+                self._cond.wait_for(
+                    lambda: self._queue or self._closed or self._status() != HEALTHY
+                )
                 if self._closed and not self._queue:
                     return
             channel = grpc.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
@@ -269,13 +292,27 @@ class Shipper:
                 self._cond.notify_all()
 
     def _messages(self, done: threading.Event):
+        told = HEALTHY  # what this stream's sidecar knows of the probe: healthy unless told
+
+        def status_due() -> bool:
+            return self._empty is not None and self._status() != told
+
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed or done.is_set(), 0.5)
+                self._cond.wait_for(
+                    lambda: self._queue or self._closed or done.is_set() or status_due(), 0.5
+                )
                 if done.is_set() or (self._closed and not self._queue):
                     return
-                if not self._queue:
-                    continue
+                idle = not self._queue
+            if idle:  # nothing to send but, perhaps, news of the probe (outside the lock)
+                if status_due():
+                    told = self._status()
+                    with self._cond:
+                        status = self._stamp(self._empty(), told)
+                    yield to_message(status)
+                continue
+            with self._cond:
                 # Gather: until the oldest item has waited linger_s, or enough has come.
                 self._cond.wait_for(
                     lambda: (
@@ -297,18 +334,27 @@ class Shipper:
                 batch = None
             try:
                 if batch is not None:
+                    told = self._status()
                     with self._cond:
-                        batch.dropped_total = self.drops.snapshot()
                         self._sent += 1
                         self._shipped_tokens += batch.num_tokens
-                        batch.shipped_tokens_total = self._shipped_tokens
-                        batch.base_shipped_tokens_total, batch.base_dropped_total = self._base
-                        self._last_handed = (self._shipped_tokens, batch.dropped_total)
+                        self._stamp(batch, told)
                     yield to_message(batch)  # returns once gRPC asks for the next one
             finally:
                 with self._cond:
                     self._in_flight = False
                     self._cond.notify_all()
+
+    def _stamp(self, batch: TokenBatch, status: ProbeStatus) -> TokenBatch:
+        """``batch`` with the books (cumulative counts, see sidecar.server.books) and the
+        probe's ``status``; holds the lock."""
+        batch.dropped_total = self.drops.snapshot()
+        batch.shipped_tokens_total = self._shipped_tokens
+        batch.base_shipped_tokens_total, batch.base_dropped_total = self._base
+        self._last_handed = (self._shipped_tokens, batch.dropped_total)
+        batch.probe_off = not status.enabled
+        batch.probe_errors_total = status.errors_total
+        return batch
 
     def _take_group(self) -> list[Shippable]:
         """The oldest items, up to ``max_tokens`` tokens (at least one); holds the lock."""
