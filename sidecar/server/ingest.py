@@ -181,7 +181,9 @@ class IngestService:
         except Rejected:
             pipeline.refuse(batch)
             raise
-        metrics.probe_status(model_name, batch.rank, not batch.probe_off, batch.probe_errors_total)
+        metrics.probe_status(
+            model_name, batch.engine_id, batch.rank, not batch.probe_off, batch.probe_errors_total
+        )
         if not batch.is_status:
             pipeline.ingest(batch, now)
 

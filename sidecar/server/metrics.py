@@ -118,7 +118,7 @@ class SidecarMetrics:
         self.reason_label = BoundedLabel(max_drop_reasons)
         self.rank_label = BoundedLabel(max_ranks)
         self.probe_error_label = BoundedLabel(max_drop_reasons)
-        self._probe_errors: dict[tuple[str, str, str], int] = {}  # last total by key
+        self._probe_errors: dict[tuple[str, str, str, str], int] = {}  # last total by key
         buckets = sorted(set(score_buckets) | thresholds)
         self.histogram_circuit_score = Histogram(
             "circuitwatch_circuit_score",
@@ -266,13 +266,19 @@ class SidecarMetrics:
             self.counter_samples_dropped.labels(model_name, reason).inc(tokens)
 
     def probe_status(
-        self, model_name: str, rank: int, enabled: bool, errors_total: dict[str, int]
+        self,
+        model_name: str,
+        engine_id: str,
+        rank: int,
+        enabled: bool,
+        errors_total: dict[str, int],
     ) -> None:
-        """One message's probe state: ``errors_total`` are the sender's cumulative counts."""
+        """One message's probe state: ``errors_total`` are the sender's cumulative counts
+        (kept per engine, so a restarted engine's fresh counts add to the series)."""
         rank_label = self.rank_label(str(rank))
         self.gauge_probe_enabled.labels(model_name, rank_label).set(1 if enabled else 0)
         for reason, total in errors_total.items():
-            key = (model_name, rank_label, reason)
+            key = (engine_id, model_name, rank_label, reason)
             last = self._probe_errors.get(key)
             if last is None and len(self._probe_errors) >= _MAX_PROBE_ERROR_KEYS:
                 continue
