@@ -21,12 +21,15 @@ Specs, both generated for the model at hand (``model_hash`` of its directory):
                 ``RESID_DIRECTIONS`` directions on hook_resid_post, ``MLP_DIRECTIONS`` on
                 mlp.hook_post; 4 circuits.
 
-FLOPs per token (the physical limit of a probe): a direction over a site of width w costs
-2·w; a head read by norm 2·d_head² + 2·d_head (z_h·G_h with its Gram matrix
-G_h = W_O_hᵀW_O_h, then the dot product with z_h: the squared norm of its contribution).
-The model costs about 2·N, N its parameters without the input embedding table (a lookup,
-not a product; with tied embeddings the same table is also the output projection, which is
-a product); attention over the context is left out.
+FLOPs per token (the physical limit of a probe), as the taps compute them (reduce.py): each
+site is one product over the span of columns its components read, with one column per
+direction (a head along a direction included) and d_head columns per head read by norm
+(z_h R_hᵀ, R_h the triangular factor of W_O_h); so a site costs 2·span·columns, span the
+site's width when a direction reads all of it, else the columns from its first head to its
+last. Heads read by norm add 3·d_head (squares, their sum, the root). The model costs about
+2·N, N its parameters without the input embedding table (a lookup, not a product; with tied
+embeddings the same table is also the output projection, which is a product); attention
+over the context is left out.
 """
 
 from __future__ import annotations
@@ -336,21 +339,23 @@ class ProbeCost:
     components: int
     sites: int
     flops_per_token: float
+    products: int  # matrix products per forward: one per site
 
 
 def probe_cost(spec_path: Path, shape: ModelShape) -> ProbeCost:
     """FLOPs per token the spec's components need (the formulas in the module docstring)."""
     spec = load_spec(spec_path)
     flops = 0.0
-    for component in spec.components:
-        if component.kind is ComponentKind.HEAD and component.direction is None:
-            flops += 2 * shape.d_head * shape.d_head + 2 * shape.d_head
-        elif component.kind is ComponentKind.HEAD:
-            flops += 2 * shape.d_head  # z_h . (W_O_h^T u): folded into one row at load time
+    for site in spec.sites:
+        components = [c for c in spec.components if c.site == site]
+        norms = [c for c in components if c.kind is ComponentKind.HEAD and c.direction is None]
+        heads = [c.head for c in components if c.kind is ComponentKind.HEAD]
+        columns = len(components) - len(norms) + len(norms) * shape.d_head
+        if len(heads) == len(components):
+            span = (max(heads) - min(heads) + 1) * shape.d_head
         else:
-            flops += 2 * shape.width(component.site)
-    resid_sums = sum(
-        1 for s in spec.sites if s.kind in (SiteKind.RESID_POST, SiteKind.RESID_PRE)
-    )  # hidden + residual, once per site
-    flops += resid_sums * shape.d_model
-    return ProbeCost(len(spec.components), len(spec.sites), flops)
+            span = shape.width(site)
+        flops += 2 * span * columns + 3 * shape.d_head * len(norms)
+        if site.kind in (SiteKind.RESID_POST, SiteKind.RESID_PRE):
+            flops += shape.d_model  # hidden + residual, once per site
+    return ProbeCost(len(spec.components), len(spec.sites), flops, len(spec.sites))
