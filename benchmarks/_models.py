@@ -21,15 +21,16 @@ Specs, both generated for the model at hand (``model_hash`` of its directory):
                 ``RESID_DIRECTIONS`` directions on hook_resid_post, ``MLP_DIRECTIONS`` on
                 mlp.hook_post; 4 circuits.
 
-FLOPs per token (the physical limit of a probe), as the taps compute them (reduce.py): each
-site is one product over the span of columns its components read, with one column per
-direction (a head along a direction included) and d_head columns per head read by norm
-(z_h R_hᵀ, R_h the triangular factor of W_O_h); so a site costs 2·span·columns, span the
-site's width when a direction reads all of it, else the columns from its first head to its
-last. Heads read by norm add 3·d_head (squares, their sum, the root). The model costs about
-2·N, N its parameters without the input embedding table (a lookup, not a product; with tied
-embeddings the same table is also the output projection, which is a product); attention
-over the context is left out.
+FLOPs per token (the physical limit of a probe): what the taps' products cost, counted by
+the reducers themselves (``SiteReducer.product_flops``, built here with a stand-in W_O of the
+model's shape: the cost depends on which columns are read, not on the weights), plus 3·d_head
+per head read by norm (squares, their sum, the root) and d_model per residual-stream site
+(hidden + residual). A site is one product over the columns its components read, 2 FLOPs per
+column and feature, except that heads read by norm far apart get a batched product over
+their own columns (2·d_head² each; see reduce.py). The model costs about 2·N, N its
+parameters without the input embedding table (a lookup, not a product; with tied embeddings
+the same table is also the output projection, which is a product); attention over the
+context is left out.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import yaml
 from safetensors.torch import save_file
 
 from sidecar.models.registry import REFERENCE_DIR, SMOLLM2_SPEC, model_path
+from sidecar.probe.graph.reduce import SiteReducer, SiteShard
 from sidecar.spec.identity import ModelShape, model_hash, read_model_shape
 from sidecar.spec.load import load_spec
 from sidecar.spec.schema import ComponentKind
@@ -339,23 +341,26 @@ class ProbeCost:
     components: int
     sites: int
     flops_per_token: float
-    products: int  # matrix products per forward: one per site
+    products: int  # matrix products per forward
 
 
 def probe_cost(spec_path: Path, shape: ModelShape) -> ProbeCost:
     """FLOPs per token the spec's components need (the formulas in the module docstring)."""
     spec = load_spec(spec_path)
     flops = 0.0
+    products = 0
     for site in spec.sites:
-        components = [c for c in spec.components if c.site == site]
-        norms = [c for c in components if c.kind is ComponentKind.HEAD and c.direction is None]
-        heads = [c.head for c in components if c.kind is ComponentKind.HEAD]
-        columns = len(components) - len(norms) + len(norms) * shape.d_head
-        if len(heads) == len(components):
-            span = (max(heads) - min(heads) + 1) * shape.d_head
+        components = [(i, c) for i, c in enumerate(spec.components) if c.site == site]
+        width = shape.width(site)
+        if site.kind is SiteKind.ATTN_Z:
+            w_o = torch.zeros(shape.d_model, width)
+            heads = range(shape.n_heads)
+            shard = SiteShard(width, slice(0, width), False, heads, shape.d_head, w_o)
         else:
-            span = shape.width(site)
-        flops += 2 * span * columns + 3 * shape.d_head * len(norms)
+            shard = SiteShard(width, slice(0, width), site.kind is not SiteKind.MLP_POST)
+        reducer = SiteReducer(components, shard)
+        flops += reducer.product_flops + 3 * shape.d_head * reducer.n_norms
+        products += bool(reducer.weight.numel()) + bool(reducer.factors.numel())
         if site.kind in (SiteKind.RESID_POST, SiteKind.RESID_PRE):
             flops += shape.d_model  # hidden + residual, once per site
-    return ProbeCost(len(spec.components), len(spec.sites), flops, len(spec.sites))
+    return ProbeCost(len(spec.components), len(spec.sites), flops, products)

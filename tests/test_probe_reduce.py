@@ -169,17 +169,33 @@ def test_a_head_norm_by_hand():
     torch.testing.assert_close(values[:, 1], torch.tensor([5.0, 3.0, math.sqrt(29.0)]))
 
 
-def test_heads_alone_read_only_the_columns_between_them(tensors):
-    """Heads 1 and 2 by norm: one product over columns 8..24 ([T, 16] x [16, 16]), so
-    whatever the other heads hold never enters it."""
+def test_a_head_alone_is_read_out_of_its_own_columns_in_one_product(tensors):
+    """Head 2 by norm and along a direction: one product over its columns 16..24
+    ([T, 8] x [8, 1 + 8]), so whatever the other heads hold never enters it."""
     z, w_o = tensors["z"].clone(), tensors["w_o"]
-    components = [head("norm2", 2), head("norm1", 1)]
+    components = [head("norm2", 2), head("dir2", 2, tensors["u"], bias=-0.5)]
     reducer = SiteReducer(list(enumerate(components)), full_z_shard(w_o))
-    assert (reducer.lo, reducer.hi) == (D_HEAD, 3 * D_HEAD)
-    assert reducer.product_flops == 2 * (2 * D_HEAD) * (2 * D_HEAD)
+    assert reducer.norms_joined and (reducer.lo, reducer.hi) == (2 * D_HEAD, 3 * D_HEAD)
+    assert reducer.product_flops == 2 * D_HEAD * (1 + D_HEAD)
     expected = [by_hand(c, z, w_o) for c in components]
-    z[:, :D_HEAD] = float("nan")
+    z[:, : 2 * D_HEAD] = float("nan")
     z[:, 3 * D_HEAD :] = float("nan")
+    values = reducer(z)
+    for column, index in enumerate(reducer.layout.component_ids):
+        torch.testing.assert_close(values[:, column], expected[index], rtol=1e-5, atol=1e-5)
+
+
+def test_heads_far_apart_get_a_batched_product_over_their_own_columns(tensors):
+    """Heads 0 and 3 by norm: in one product they would cost 4x their own multiply-adds
+    (columns 0..32 for each), so they get a batched one over their 8 columns each; a
+    direction through head 3 still has its product."""
+    z, w_o = tensors["z"].clone(), tensors["w_o"]
+    components = [head("norm3", 3), head("norm0", 0), head("dir3", 3, tensors["u"], bias=1.0)]
+    reducer = SiteReducer(list(enumerate(components)), full_z_shard(w_o))
+    assert not reducer.norms_joined
+    assert reducer.product_flops == 2 * 2 * D_HEAD * D_HEAD + 2 * D_HEAD
+    expected = [by_hand(c, z, w_o) for c in components]
+    z[:, D_HEAD : 3 * D_HEAD] = float("nan")
     values = reducer(z)
     for column, index in enumerate(reducer.layout.component_ids):
         torch.testing.assert_close(values[:, column], expected[index], rtol=1e-5, atol=1e-5)

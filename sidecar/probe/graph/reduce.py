@@ -9,13 +9,17 @@ Every component of a site is read out of one matrix product, ``y = x[:, lo:hi] @
                                                   their sum of squares
 
 The norm goes through the [d_head, d_head] triangular factor R_h of W_O_h rather than c_h
-itself: 2 * d_head instead of 2 * d_model multiply-adds per head dimension, no
-[T, heads, d_model] intermediate, and the same product as the linear columns (the former
-Gram form z_h G_h z_h^T needed its own batched einsum and a gather of the heads). A weight
-column is zero outside its component's support (a head's columns), and the product runs over
-the span ``lo:hi`` of the columns any of them reads, a view of ``x``: a site read by heads
-only never touches the rest of the site. Heads far apart in one site pay for the columns
-between them (see ``product_flops``).
+itself: 2 * d_head instead of 2 * d_model multiply-adds per head dimension and no
+[T, heads, d_model] intermediate. A weight column is zero outside its component's support
+(a head's columns), and the product runs over the span ``lo:hi`` of the columns any of them
+reads, a view of ``x``: a site read by heads only never touches the rest of the site.
+
+A head's d_head norm columns are zero outside its own d_head features, so in one product
+with other columns they cost span / d_head times their own multiply-adds. They join the
+product while that is at most ``NORM_WASTE`` times (at 1: a single head read by norm, alone
+or with directions through the same head); otherwise (several heads, or a direction over the
+whole site) they get a second, batched product over the heads alone, ``z_h @ R_h^T`` for
+each, as cheap as the arithmetic allows. ``product_flops`` counts what a reducer runs.
 
 Precision: the product runs in the activation's dtype (the model's) with ``weight`` stored
 in it, accumulating in float32 (``torch.mm(..., out_dtype=float32)`` where the backend has
@@ -70,13 +74,22 @@ class ReducerLayout:
     shipped: tuple[int, ...]  # output columns this rank ships (owned by it)
 
 
+# How many times their own multiply-adds head norms may cost inside a site's one product
+# before they get a batched product of their own (one kernel more, see the module docstring).
+# 1: no wasted arithmetic, which is what counts on a CPU; where kernel launches cost more
+# than arithmetic (a GPU at small batches) 2 or more would trade FLOPs for a launch.
+NORM_WASTE = 1
+
+
 class SiteReducer(nn.Module):
     """Component values for one site on one rank: ``forward(x [T, width]) -> [T, k]`` float32.
 
     Output columns, in order: linear columns this rank owns, head norms this rank owns,
-    partial columns (summed over ranks, shipped by rank 0 only). ``dtype`` is the dtype of
-    the activations it will see (the model's); ``float32_out`` whether the product can
-    return float32 from them (``float32_products``).
+    partial columns (summed over ranks, shipped by rank 0 only). ``weight`` [hi - lo, n]
+    holds the columns of the one product: linear, norms' factors when they join it, partial;
+    ``factors`` [heads, d_head, r] the norms' factors when they get their own. ``dtype`` is
+    the dtype of the activations it will see (the model's); ``float32_out`` whether products
+    can return float32 from them (``float32_products``).
     """
 
     def __init__(
@@ -113,12 +126,16 @@ class SiteReducer(nn.Module):
                 else:
                     linear.append((index, row, component.bias, everywhere))
         factors = [_norm_factor(h, shard) for _, h in norms]
-        rows = [r for _, r, _, _ in linear] + [r for f in factors for r in f]
+        others = [s for _, _, _, s in linear] + [everywhere] * len(partial)
+        heads = [_head_span(h, shard) for _, h in norms]
+        joined = _span(others + heads)
+        self.norms_joined = bool(norms) and joined[1] - joined[0] <= NORM_WASTE * shard.d_head
+        rows = [r for _, r, _, _ in linear]
+        if self.norms_joined:
+            for (_, h), factor in zip(norms, factors, strict=True):
+                rows += list(_placed(factor, h, shard))
         rows += [r for _, r, _ in partial]
-        spans = [s for _, _, _, s in linear] + [_head_span(h, shard) for _, h in norms]
-        spans += [everywhere] * len(partial)
-        self.lo = min((lo for lo, _ in spans), default=0)
-        self.hi = max((hi for _, hi in spans), default=0)
+        self.lo, self.hi = joined if self.norms_joined else _span(others)
         self.narrow = (self.lo, self.hi) != everywhere
         self.all_reduce = all_reduce
         self.float32_out = float32_out and dtype != torch.float32
@@ -127,11 +144,20 @@ class SiteReducer(nn.Module):
             weight = torch.stack([r.to(torch.float64) for r in rows])[:, self.lo : self.hi]
         # [hi - lo, columns]: x[:, lo:hi] @ weight, in the activations' dtype.
         self.register_buffer("weight", weight.t().to(dtype).contiguous(), False)
+        own = torch.zeros(0)
+        if factors and not self.norms_joined:
+            own = torch.stack(factors).transpose(1, 2).to(dtype)
+        # [heads, d_head, r]: z_h @ factors[h], batched over the heads.
+        self.register_buffer("factors", own, False)
+        self.register_buffer(
+            "head_index", torch.tensor([h for _, h in norms], dtype=torch.long), False
+        )
         self.register_buffer("bias", _biases([b for _, _, b, _ in linear]), False)
         self.register_buffer("partial_bias", _biases([b for _, _, b in partial]), False)
         self.n_linear = len(linear)
         self.n_norms = len(norms)
         self.norm_width = factors[0].shape[0] if factors else 0  # columns per head norm
+        self.d_head = shard.d_head
         ids = [i for i, _, _, _ in linear] + [i for i, _ in norms] + [i for i, _, _ in partial]
         owned = len(linear) + len(norms)
         shipped = list(range(owned)) + (list(range(owned, len(ids))) if rank == 0 else [])
@@ -143,33 +169,42 @@ class SiteReducer(nn.Module):
 
     @property
     def product_flops(self) -> int:
-        """Multiply-adds x 2 of the one product, per token."""
-        return 2 * self.weight.shape[0] * self.weight.shape[1]
+        """Multiply-adds x 2 of the products, per token."""
+        return 2 * (self.weight.numel() + self.factors.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A no-op when x already has the model's dtype, the case the taps see.
         x = x.to(self.weight.dtype)
-        if self.narrow:
-            x = x[:, self.lo : self.hi]  # a view: the columns no component reads stay unread
-        if self.float32_out:
-            y = torch.mm(x, self.weight, out_dtype=torch.float32)
-        else:
-            y = torch.mm(x, self.weight).to(torch.float32)
+        if self.weight.shape[1]:
+            # A view: the columns no component reads stay unread.
+            y = self._product(x[:, self.lo : self.hi] if self.narrow else x, self.weight)
         parts = []
         if self.n_linear:
             parts.append(y[:, : self.n_linear] + self.bias)
-        if self.n_norms:
+        if self.norms_joined:
             end = self.n_linear + self.n_norms * self.norm_width
             factored = y[:, self.n_linear : end].unflatten(1, (self.n_norms, self.norm_width))
             parts.append(factored.square().sum(dim=-1).sqrt())
+        elif self.n_norms:
+            z = x.view(x.shape[0], -1, self.d_head).index_select(1, self.head_index)
+            factored = self._product(z.transpose(0, 1), self.factors)  # [heads, T, r]
+            parts.append(factored.square().sum(dim=-1).sqrt().t())
         if self.partial_bias.shape[0]:
             partial = self.all_reduce(y[:, -self.partial_bias.shape[0] :].contiguous())
             parts.append(partial + self.partial_bias)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight in float32 (``bmm`` for a batch of heads), accumulated in float32."""
+        product = torch.mm if x.dim() == 2 else torch.bmm
+        if self.float32_out:
+            return product(x, weight, out_dtype=torch.float32)
+        return product(x, weight).to(torch.float32)
+
 
 def float32_products(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=float32)`` runs for ``dtype`` inputs on ``device``.
+    """Whether ``torch.mm`` and ``torch.bmm`` with ``out_dtype=float32`` run for ``dtype``
+    inputs on ``device``.
 
     Checked once at build time, outside any traced code.
     """
@@ -177,13 +212,20 @@ def float32_products(dtype: torch.dtype, device: torch.device) -> bool:
         return False
     try:
         a = torch.ones(2, 2, dtype=dtype, device=device)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        single = torch.mm(a, a, out_dtype=torch.float32)
+        batched = torch.bmm(a[None], a[None], out_dtype=torch.float32)
+        return single.dtype == batched.dtype == torch.float32
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
 
 def _head_span(local: int, shard: SiteShard) -> tuple[int, int]:
     return local * shard.d_head, (local + 1) * shard.d_head
+
+
+def _span(spans: list[tuple[int, int]]) -> tuple[int, int]:
+    """The columns from the first to the last of ``spans``; (0, 0) when there are none."""
+    return min((lo for lo, _ in spans), default=0), max((hi for _, hi in spans), default=0)
 
 
 def _head_row(component: Component, local: int, shard: SiteShard) -> torch.Tensor:
@@ -197,14 +239,19 @@ def _head_row(component: Component, local: int, shard: SiteShard) -> torch.Tenso
 
 
 def _norm_factor(local: int, shard: SiteShard) -> torch.Tensor:
-    """[r, width]: R_h of W_O_h = Q_h R_h (float64) at head ``local``'s columns, so that
-    ||z_h W_O_h^T|| = ||x @ factor^T||. r = d_head (d_model when that is smaller)."""
+    """[r, d_head] float64: R_h of W_O_h = Q_h R_h, so that ||z_h W_O_h^T|| = ||z_h R_h^T||.
+    r = d_head (d_model when that is smaller)."""
     assert shard.o_proj_weight is not None
     lo, hi = _head_span(local, shard)
-    r = torch.linalg.qr(shard.o_proj_weight[:, lo:hi].to(torch.float64), mode="r").R
-    factor = torch.zeros(r.shape[0], shard.width, dtype=torch.float64)
-    factor[:, lo:hi] = r
-    return factor
+    return torch.linalg.qr(shard.o_proj_weight[:, lo:hi].to(torch.float64), mode="r").R
+
+
+def _placed(factor: torch.Tensor, local: int, shard: SiteShard) -> torch.Tensor:
+    """[r, width]: ``factor`` at head ``local``'s columns, zero elsewhere."""
+    lo, hi = _head_span(local, shard)
+    rows = torch.zeros(factor.shape[0], shard.width, dtype=torch.float64)
+    rows[:, lo:hi] = factor
+    return rows
 
 
 def _direction(component: Component) -> torch.Tensor:
