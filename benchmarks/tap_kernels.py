@@ -57,6 +57,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", default="smollm2", help="reference, smollm2 or a directory")
     parser.add_argument("--dtype", choices=("bfloat16", "float32", "both"), default="both")
     parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument(
+        "--heads", type=int, default=HEADS_PER_LAYER, help="heads read by norm on hook_z"
+    )
     args = parser.parse_args(argv)
     model_dir = resolve_model(args.model)
     shape = read_model_shape(model_dir)
@@ -66,7 +69,7 @@ def main(argv: list[str]) -> int:
     print(f"{Path(model_dir).name}: {shape.n_layers} layers; reduce.py from {_origin()}")
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        counts = [_count(site, shape, w_o, dtype, args.layer) for site in SITES]
+        counts = [_count(site, shape, w_o, dtype, args.layer, args.heads) for site in SITES]
         extern = sum(c.extern for c in counts)
         generated = sum(c.generated for c in counts)
         for c in counts:
@@ -80,15 +83,16 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _count(kind: str, shape, w_o: torch.Tensor, dtype: torch.dtype, layer: int) -> SiteCount:
+def _count(
+    kind: str, shape, w_o: torch.Tensor, dtype: torch.dtype, layer: int, heads: int
+) -> SiteCount:
     site = Site.parse(f"blocks.{layer}.{kind}")
     width = shape.width(site)
     generator = torch.Generator().manual_seed(0)
     components = []
     if site.kind is SiteKind.ATTN_Z:
         components = [
-            Component(f"h{h}", ComponentKind.HEAD, site, h, None, 0.0)
-            for h in range(HEADS_PER_LAYER)
+            Component(f"h{h}", ComponentKind.HEAD, site, h, None, 0.0) for h in range(heads)
         ]
         shard = SiteShard(width, slice(0, width), False, range(shape.n_heads), shape.d_head, w_o)
     else:
