@@ -21,12 +21,16 @@ Specs, both generated for the model at hand (``model_hash`` of its directory):
                 ``RESID_DIRECTIONS`` directions on hook_resid_post, ``MLP_DIRECTIONS`` on
                 mlp.hook_post; 4 circuits.
 
-FLOPs per token (the physical limit of a probe): a direction over a site of width w costs
-2·w; a head read by norm 2·d_head² + 2·d_head (z_h·G_h with its Gram matrix
-G_h = W_O_hᵀW_O_h, then the dot product with z_h: the squared norm of its contribution).
-The model costs about 2·N, N its parameters without the input embedding table (a lookup,
-not a product; with tied embeddings the same table is also the output projection, which is
-a product); attention over the context is left out.
+FLOPs per token (the physical limit of a probe): what the taps' products cost, counted by
+the reducers themselves (``SiteReducer.product_flops``, built here with a stand-in W_O of the
+model's shape: the cost depends on which columns are read, not on the weights), plus 3·d_head
+per head read by norm (squares, their sum, the root) and d_model per residual-stream site
+(hidden + residual). A site is one product over the columns its components read, 2 FLOPs per
+column and feature, except that heads read by norm far apart get a batched product over
+their own columns (2·d_head² each; see reduce.py). The model costs about 2·N, N its
+parameters without the input embedding table (a lookup, not a product; with tied embeddings
+the same table is also the output projection, which is a product); attention over the
+context is left out.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import yaml
 from safetensors.torch import save_file
 
 from sidecar.models.registry import REFERENCE_DIR, SMOLLM2_SPEC, model_path
+from sidecar.probe.graph.reduce import SiteReducer, SiteShard
 from sidecar.spec.identity import ModelShape, model_hash, read_model_shape
 from sidecar.spec.load import load_spec
 from sidecar.spec.schema import ComponentKind
@@ -336,21 +341,26 @@ class ProbeCost:
     components: int
     sites: int
     flops_per_token: float
+    products: int  # matrix products per forward
 
 
 def probe_cost(spec_path: Path, shape: ModelShape) -> ProbeCost:
     """FLOPs per token the spec's components need (the formulas in the module docstring)."""
     spec = load_spec(spec_path)
     flops = 0.0
-    for component in spec.components:
-        if component.kind is ComponentKind.HEAD and component.direction is None:
-            flops += 2 * shape.d_head * shape.d_head + 2 * shape.d_head
-        elif component.kind is ComponentKind.HEAD:
-            flops += 2 * shape.d_head  # z_h . (W_O_h^T u): folded into one row at load time
+    products = 0
+    for site in spec.sites:
+        components = [(i, c) for i, c in enumerate(spec.components) if c.site == site]
+        width = shape.width(site)
+        if site.kind is SiteKind.ATTN_Z:
+            w_o = torch.zeros(shape.d_model, width)
+            heads = range(shape.n_heads)
+            shard = SiteShard(width, slice(0, width), False, heads, shape.d_head, w_o)
         else:
-            flops += 2 * shape.width(component.site)
-    resid_sums = sum(
-        1 for s in spec.sites if s.kind in (SiteKind.RESID_POST, SiteKind.RESID_PRE)
-    )  # hidden + residual, once per site
-    flops += resid_sums * shape.d_model
-    return ProbeCost(len(spec.components), len(spec.sites), flops)
+            shard = SiteShard(width, slice(0, width), site.kind is not SiteKind.MLP_POST)
+        reducer = SiteReducer(components, shard)
+        flops += reducer.product_flops + 3 * shape.d_head * reducer.n_norms
+        products += bool(reducer.weight.numel()) + bool(reducer.factors.numel())
+        if site.kind in (SiteKind.RESID_POST, SiteKind.RESID_PRE):
+            flops += shape.d_model  # hidden + residual, once per site
+    return ProbeCost(len(spec.components), len(spec.sites), flops, products)

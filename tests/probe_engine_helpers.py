@@ -322,6 +322,14 @@ def compile_cache_tag(worker) -> str | None:
     return worker.vllm_config.additional_config.get("circuitwatch")
 
 
+def host_ring_pinned(worker) -> bool:
+    """Run on a worker (``collective_rpc``): whether the drain's host ring is pinned memory."""
+    from sidecar.probe import vllm_internals
+
+    ring = vllm_internals.attached_probe(worker).drain.ring
+    return ring.values.is_pinned() and ring.positions.is_pinned()
+
+
 COMPONENTS = [
     {"name": "l0h1", "kind": "head", "site": "blocks.0.attn.hook_z", "head": 1},
     {"name": "l1h0", "kind": "head", "site": "blocks.1.attn.hook_z", "head": 0},

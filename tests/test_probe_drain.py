@@ -16,7 +16,7 @@ from sidecar.protocol.batch import GENERATED, PROMPT
 
 
 def test_ring_hands_out_spans_first_in_first_out_and_wraps():
-    ring = HostRing([2], rows=10)
+    ring = HostRing(2, rows=10)
     a, b = ring.take(4), ring.take(4)
     assert (a, b) == (Span(0, 4), Span(4, 8))
     assert ring.take(3) is None  # 2 rows left at the end, and 0..4 still in use
@@ -28,7 +28,7 @@ def test_ring_hands_out_spans_first_in_first_out_and_wraps():
 
 
 def test_ring_frees_a_span_given_back_early_only_after_the_older_ones():
-    ring = HostRing([1], rows=6)
+    ring = HostRing(1, rows=6)
     a, b, c = ring.take(2), ring.take(2), ring.take(2)
     ring.give_back(b)
     assert ring.in_use() == 3 and ring.take(1) is None
@@ -39,17 +39,14 @@ def test_ring_frees_a_span_given_back_early_only_after_the_older_ones():
     assert ring.take(0) == Span(0, 0)  # a step with no rows takes nothing
 
 
-class FakeTap:
-    def __init__(self, values: torch.Tensor):
-        self.values = values
-
-
 def make_drain(sample: str = "512", ring_rows: int = 64, randomized: bool = True):
-    """Two taps over 8 rows: tap 0 has 2 columns (both shipped), tap 1 has 3 (ships 0 and 2)."""
+    """Two taps' columns over 8 rows: tap 0 writes columns 0-1 (both shipped), tap 1 columns
+    2-4 (ships 2 and 4)."""
     taps = TapSet(
-        taps=[FakeTap(torch.zeros(8, 2)), FakeTap(torch.zeros(8, 3))],
+        taps=[],
+        values=torch.zeros(8, 5),
         positions=PositionTap(8),
-        shipped=[np.array([0, 1]), np.array([0, 2])],
+        shipped=np.array([0, 1, 2, 4]),
         component_ids=np.array([0, 1, 2, 4], np.uint32),
         handles=[],
     )
@@ -62,9 +59,9 @@ def run_step(drain: Drain, taps: TapSet, step: int, requests, finished=(), prefi
     """Fill the taps as a forward would: requests = [(internal id, prompt len, positions)]."""
     positions = [p for _, _, ps in requests for p in ps]
     n = len(positions)
-    for tap in taps.taps:
-        tap.values[:n] = torch.tensor(positions, dtype=torch.float32)[:, None] * step
-        tap.values[n:] = float("nan")  # padding must never be shipped
+    taps.values[:n] = torch.tensor(positions, dtype=torch.float32)[:, None] * step
+    taps.values[:n, 3] = float("nan")  # a column this rank does not ship
+    taps.values[n:] = float("nan")  # padding must never be shipped
     taps.positions.positions[:n] = torch.tensor(positions)
     layout = StepLayout(
         [r for r, _, _ in requests],

@@ -119,10 +119,11 @@ def tapped_model(extract=_output, fault: str | None = None) -> tuple[nn.Module, 
     direction = np.linspace(-1, 1, D).astype(np.float32)
     component = Component("d", ComponentKind.DIRECTION, site, None, direction, 0.5)
     reducer = SiteReducer([(0, component)], SiteShard(D, slice(0, D), replicated=True))
-    tap = Tap(site, extract, reducer, ROWS, D)
+    store = torch.zeros(ROWS, reducer.num_columns)
+    tap = Tap(site, extract, reducer, store, 0, D)
     model[0].add_module("circuitwatch_resid_post", tap)
     handle = model[0].register_forward_hook(tap.record_output, with_kwargs=True)
-    taps = TapSet([tap], PositionTap(ROWS), [np.array([0])], np.zeros(1, np.uint32), [handle])
+    taps = TapSet([tap], store, PositionTap(ROWS), np.array([0]), np.zeros(1, np.uint32), [handle])
     if fault is not None:
         taps.inject(fault)
     return model, taps
@@ -155,7 +156,7 @@ def test_a_failing_tap_still_compiles_and_runs_and_the_check_names_it(mode, faul
         if reason is None:
             taps.check()
             want = site @ torch.linspace(-1, 1, D) + 0.5
-            torch.testing.assert_close(taps.taps[0].values[:tokens, 0], want)
+            torch.testing.assert_close(taps.values[:tokens, 0], want)
         else:
             with pytest.raises(ProbeFault) as raised:
                 taps.check()

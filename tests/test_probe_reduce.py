@@ -1,11 +1,13 @@
-"""The fused site reducer against a by-hand computation of every component kind."""
+"""The fused site reducer (one product per site) against a by-hand computation of every kind."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from sidecar.probe.graph.reduce import SiteReducer, SiteShard
+from sidecar.probe.graph.reduce import SiteReducer, SiteShard, float32_products
 from sidecar.spec.schema import Component, ComponentKind
 from sidecar.spec.sites import Site
 
@@ -146,3 +148,90 @@ def test_bfloat16_activations_are_reduced_in_float32(tensors):
     values = reducer(x.to(torch.bfloat16))
     assert values.dtype == torch.float32
     torch.testing.assert_close(values[:, 0], x.to(torch.bfloat16).float() @ w)
+
+
+def test_a_head_norm_by_hand():
+    """W_O_h = [[3, 0], [4, 0], [0, 1]]: z = (1, 0) gives c = (3, 4, 0), ||c|| = 5; z = (0, 3)
+    gives c = (0, 0, 3); z = (1, 2) gives c = (3, 4, 2), sqrt(29). Beside it, head 1 along
+    u = (1, 1, 1) with bias 1: W_O_1 = [[1, 0], [0, 1], [1, 1]], z_1 = (2, -1) gives
+    c = (2, -1, 1), c . u + 1 = 3."""
+    w_o = torch.tensor([[3.0, 0.0, 1.0, 0.0], [4.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    shard = SiteShard(4, slice(0, 4), False, heads=range(2), d_head=2, o_proj_weight=w_o)
+    components = [
+        Component("n0", ComponentKind.HEAD, Z_SITE, 0, None, 0.0),
+        Component("u1", ComponentKind.HEAD, Z_SITE, 1, torch.ones(3).numpy(), 1.0),
+    ]
+    reducer = SiteReducer(list(enumerate(components)), shard)
+    z = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.0, 3.0, 2.0, -1.0], [1.0, 2.0, 2.0, -1.0]])
+    values = reducer(z)
+    assert reducer.layout.component_ids == (1, 0)  # linear columns first, then norms
+    torch.testing.assert_close(values[:, 0], torch.tensor([3.0, 3.0, 3.0]))
+    torch.testing.assert_close(values[:, 1], torch.tensor([5.0, 3.0, math.sqrt(29.0)]))
+
+
+def test_a_head_alone_is_read_out_of_its_own_columns_in_one_product(tensors):
+    """Head 2 by norm and along a direction: one product over its columns 16..24
+    ([T, 8] x [8, 1 + 8]), so whatever the other heads hold never enters it."""
+    z, w_o = tensors["z"].clone(), tensors["w_o"]
+    components = [head("norm2", 2), head("dir2", 2, tensors["u"], bias=-0.5)]
+    reducer = SiteReducer(list(enumerate(components)), full_z_shard(w_o))
+    assert reducer.norms_joined and (reducer.lo, reducer.hi) == (2 * D_HEAD, 3 * D_HEAD)
+    assert reducer.product_flops == 2 * D_HEAD * (1 + D_HEAD)
+    expected = [by_hand(c, z, w_o) for c in components]
+    z[:, : 2 * D_HEAD] = float("nan")
+    z[:, 3 * D_HEAD :] = float("nan")
+    values = reducer(z)
+    for column, index in enumerate(reducer.layout.component_ids):
+        torch.testing.assert_close(values[:, column], expected[index], rtol=1e-5, atol=1e-5)
+
+
+def test_heads_far_apart_get_a_batched_product_over_their_own_columns(tensors):
+    """Heads 0 and 3 by norm: in one product they would cost 4x their own multiply-adds
+    (columns 0..32 for each), so they get a batched one over their 8 columns each; a
+    direction through head 3 still has its product."""
+    z, w_o = tensors["z"].clone(), tensors["w_o"]
+    components = [head("norm3", 3), head("norm0", 0), head("dir3", 3, tensors["u"], bias=1.0)]
+    reducer = SiteReducer(list(enumerate(components)), full_z_shard(w_o))
+    assert not reducer.norms_joined
+    assert reducer.product_flops == 2 * 2 * D_HEAD * D_HEAD + 2 * D_HEAD
+    expected = [by_hand(c, z, w_o) for c in components]
+    z[:, D_HEAD : 3 * D_HEAD] = float("nan")
+    values = reducer(z)
+    for column, index in enumerate(reducer.layout.component_ids):
+        torch.testing.assert_close(values[:, column], expected[index], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("float32_out", [False, True])
+def test_bfloat16_products_stay_within_the_rounding_of_the_weights(tensors, float32_out):
+    """A bfloat16 model's reducer multiplies in bfloat16 (no float32 copy of the site) with
+    float32 accumulation. Weights rounded to bfloat16 (unit roundoff 2^-8) move a direction's
+    value by at most 2^-8 sum_i |x_i w_i| and a head's norm by at most 2^-8 ||z_h|| ||W_O_h||_F;
+    a bfloat16 result (no float32 output) adds 2^-8 of the value itself."""
+    if float32_out and not float32_products(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("torch.mm has no bfloat16 -> float32 product on this backend")
+    z = tensors["z"].to(torch.bfloat16)
+    w_o, w = tensors["w_o"], tensors["w_z"]
+    components = [head("norm2", 2), direction("zdir", Z_SITE, w, bias=0.5), head("norm0", 0)]
+    reducer = SiteReducer(
+        list(enumerate(components)), full_z_shard(w_o), dtype=torch.bfloat16,
+        float32_out=float32_out,
+    )  # fmt: skip
+    assert reducer.weight.dtype == torch.bfloat16
+    values = reducer(z)
+    assert values.dtype == torch.float32
+    exact = z.double()
+    u = 2.0**-8
+    for column, index in enumerate(reducer.layout.component_ids):
+        component = components[index]
+        if component.kind is ComponentKind.DIRECTION:
+            truth = exact @ w.double() + component.bias
+            bound = u * (exact.abs() @ w.abs().double())
+        else:
+            cols = slice(component.head * D_HEAD, (component.head + 1) * D_HEAD)
+            truth = (exact[:, cols] @ w_o[:, cols].double().T).norm(dim=-1)
+            bound = u * exact[:, cols].norm(dim=-1) * w_o[:, cols].double().norm()
+        if not float32_out:
+            bound = bound + u * truth.abs()
+        error = (values[:, column].double() - truth).abs()
+        assert (error <= bound + 1e-6).all(), (component.name, error.max(), bound.min())
+        assert error.max() > 0  # the products really ran in bfloat16

@@ -124,6 +124,7 @@ class WorkerProbe:
             device=device,
             rank=engine.rank,
             all_reduce=engine.all_reduce,
+            dtype=engine.dtype,
         )
         # The compiled graph now contains the taps: key vLLM's compile cache by them, or an
         # engine would reuse a graph traced with another spec, or without probes.

@@ -176,6 +176,7 @@ class EngineView:
     model_dir: str
     hf_config: dict
     model_name: str
+    dtype: torch.dtype  # the model's, so its activations'
     max_tokens_per_forward: int
     rank: int
     world_size: int
@@ -210,6 +211,7 @@ def engine_view(worker: Any) -> EngineView:
         model_dir=str(model_config.model),
         hf_config=model_config.hf_config.to_dict(),
         model_name=served if isinstance(served, str) else served[0],
+        dtype=model_config.dtype,
         max_tokens_per_forward=max(rows, capture),
         rank=get_tensor_model_parallel_rank(),
         world_size=world_size,

@@ -12,7 +12,7 @@ from __future__ import annotations
 # Bump whenever the traced code changes what it puts into the graph: a hook's placement or an
 # extractor in adapters.py, SiteReducer's buffers or forward in reduce.py, Tap / PositionTap
 # in taps.py. Otherwise an engine may reuse a graph traced with the old taps.
-TAP_LAYOUT_VERSION = 1
+TAP_LAYOUT_VERSION = 3
 
 
 def compile_cache_key(spec_hash: str, rows: int) -> str:

@@ -1,9 +1,11 @@
-"""Taps: forward hooks that write each batch's component values into preallocated buffers.
+"""Taps: forward hooks that write each batch's component values into one preallocated buffer.
 
 A ``Tap`` is a small module attached as a child of the module it hooks (named
-``circuitwatch_<site kind>``), holding its ``SiteReducer`` and a buffer ``values``
-[rows, k]. Its hook writes ``values[:T] = reducer(x)``: pure tensor ops on module state, no
-host sync, no Python per token, no data-dependent shape. Installed after the model is
+``circuitwatch_<site kind>``), holding its ``SiteReducer``. Every tap of a rank writes its
+own columns of one shared buffer, ``TapSet.values`` [rows, k] float32 (the same tensor,
+registered as ``store`` on each tap): ``store[:T, start:stop] = reducer(x)``, pure tensor ops
+on module state, no host sync, no Python per token, no data-dependent shape. One buffer means
+one copy per step for the drain, whatever the number of sites. Installed after the model is
 built and before its first forward, the hooks are traced into vLLM's compiled graph (and
 captured in CUDA graphs), so they run in the default compiled mode as well as in eager mode.
 A ``PositionTap`` on the first layer records the positions the model was given, so the
@@ -13,8 +15,8 @@ Buffers hold the last forward only; the drain copies them out after each engine 
 
 A tap never raises into the forward. Each also writes a one-element ``state``: ``RAN``,
 or ``SHAPE`` when the activation it was given is not [T, width] floating point, or
-``FAILED`` when extracting or reducing it raised; in both cases it leaves ``values``
-alone. Under torch.compile the checks and the exception handler run while the hook is
+``FAILED`` when extracting or reducing it raised; in both cases it leaves its
+columns alone. Under torch.compile the checks and the exception handler run while the hook is
 traced (shapes and dtypes are static there), so a failing tap is traced as a tap that
 only writes its state, and the engine compiles and serves; at run time a compiled
 graph's ops do not raise for these. ``TapSet.check`` reads the states after a forward
@@ -30,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sidecar.probe.graph.adapters import Extractor, LlamaAdapter, layer_positions
-from sidecar.probe.graph.reduce import SiteReducer
+from sidecar.probe.graph.adapters import Extractor, LlamaAdapter, SiteHook, layer_positions
+from sidecar.probe.graph.reduce import SiteReducer, float32_products
 from sidecar.probe.host.health import (
     INSTALL_POINTS,
     SITE_MISSING,
@@ -46,18 +48,30 @@ NOT_RUN, RAN, SHAPE, FAILED = 0, 1, 2, 3  # a tap's ``state`` after a forward
 
 
 class Tap(nn.Module):
-    """One site's reducer and the buffers its hook writes: ``values`` [rows, k] float32 and
-    ``state`` [1] int32; ``width`` is the site's feature count on this rank."""
+    """One site's reducer, writing columns ``start:stop`` of the shared ``store`` [rows, k],
+    and its own ``state`` [1] int32; ``width`` is the site's feature count on this rank."""
 
-    def __init__(self, site: Site, extract: Extractor, reducer: SiteReducer, rows: int, width: int):
+    def __init__(
+        self,
+        site: Site,
+        extract: Extractor,
+        reducer: SiteReducer,
+        store: torch.Tensor,
+        start: int,
+        width: int,
+    ):
         super().__init__()
         self.site = site
         self.extract = extract
         self.reducer = reducer
         self.width = width
         self.raise_in_hook = False  # test hook: CIRCUITWATCH_FAULT=tap_error
-        self.register_buffer("values", torch.zeros(rows, reducer.num_columns), persistent=False)
-        self.register_buffer("state", torch.zeros(1, dtype=torch.int32), persistent=False)
+        # Every tap registers the same tensor: the compiler sees one buffer, written in slices.
+        self.register_buffer("store", store, persistent=False)
+        state = torch.zeros(1, dtype=torch.int32, device=store.device)
+        self.register_buffer("state", state, persistent=False)
+        self.start = start
+        self.stop = start + reducer.num_columns
 
     def record_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._record(args, kwargs, None)
@@ -77,7 +91,7 @@ class Tap(nn.Module):
         except Exception:
             self.state.fill_(FAILED)
             return
-        self.values[: x.shape[0]].copy_(values)
+        self.store[: x.shape[0], self.start : self.stop].copy_(values)
         self.state.fill_(RAN)
 
 
@@ -97,13 +111,15 @@ class PositionTap(nn.Module):
 class TapSet:
     """The installed taps of one rank and the columns it ships.
 
-    ``component_ids`` [k] are spec component indices, in the order the drain lays the
-    shipped columns out: for each tap, its ``shipped`` columns.
+    ``values`` [rows, width] is the buffer every tap writes its columns of; ``shipped`` [k]
+    the columns of it this rank ships and ``component_ids`` [k] their spec component indices,
+    in the order the drain lays them out.
     """
 
     taps: list[Tap]
+    values: torch.Tensor
     positions: PositionTap
-    shipped: list[np.ndarray]  # per tap: indices of its columns this rank ships
+    shipped: np.ndarray  # intp [k]
     component_ids: np.ndarray  # uint32 [k]
     handles: list[torch.utils.hooks.RemovableHandle]
 
@@ -157,21 +173,32 @@ def install_taps(
     device: torch.device,
     rank: int = 0,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> TapSet:
     """Attach one tap per spec site (and the position tap) to the model behind ``adapter``.
 
     ``rows`` must be at least the most tokens one forward can carry (vLLM's
-    max_num_batched_tokens, or its largest CUDA graph size when that is larger).
-    Raises UnsupportedModel (from the adapter) before touching the model if a site is unknown.
+    max_num_batched_tokens, or its largest CUDA graph size when that is larger); ``dtype``
+    is the model's (its activations'). Raises UnsupportedModel (from the adapter) before
+    touching the model if a site is unknown.
     """
     hooks = [adapter.hook(site) for site in spec.sites]
-    taps, shipped, ids, handles = [], [], [], []
+    float32_out = float32_products(dtype, device)
+    placed: list[tuple[SiteHook, SiteReducer, int]] = []
+    shipped, ids, width = [], [], 0
     for hook in hooks:
         components = [(i, c) for i, c in enumerate(spec.components) if c.site == hook.site]
-        reducer = SiteReducer(components, hook.shard, rank=rank, all_reduce=all_reduce)
+        reducer = SiteReducer(components, hook.shard, rank, all_reduce, dtype, float32_out)
         if reducer.num_columns == 0:
             continue  # every component here belongs to another rank
-        tap = Tap(hook.site, hook.extract, reducer, rows, hook.shard.width).to(device)
+        placed.append((hook, reducer, width))
+        shipped.extend(width + c for c in reducer.layout.shipped)
+        ids.extend(reducer.layout.component_ids[c] for c in reducer.layout.shipped)
+        width += reducer.num_columns
+    store = torch.zeros(rows, width, device=device)
+    taps, handles = [], []
+    for hook, reducer, start in placed:
+        tap = Tap(hook.site, hook.extract, reducer.to(device), store, start, hook.shard.width)
         name = "circuitwatch_" + hook.site.kind.value.replace(".", "_")
         hook.module.add_module(name, tap)
         if hook.pre:
@@ -180,9 +207,6 @@ def install_taps(
             handle = hook.module.register_forward_hook(tap.record_output, with_kwargs=True)
         handles.append(handle)
         taps.append(tap)
-        columns = np.asarray(reducer.layout.shipped, dtype=np.intp)
-        shipped.append(columns)
-        ids.extend(reducer.layout.component_ids[c] for c in columns)
     positions = PositionTap(rows).to(device)
     adapter.first_layer.add_module("circuitwatch_positions", positions)
     handles.append(
@@ -190,8 +214,9 @@ def install_taps(
     )
     return TapSet(
         taps=taps,
+        values=store,
         positions=positions,
-        shipped=shipped,
+        shipped=np.asarray(shipped, dtype=np.intp),
         component_ids=np.asarray(ids, dtype=np.uint32),
         handles=handles,
     )

@@ -1,11 +1,12 @@
 """Per-step drain: copy the taps' buffers out after a forward, without syncing the device.
 
 ``Drain.collect`` runs on the engine thread once per step, after the model runner launched
-the forward. It copies the first ``num_tokens`` rows of every tap buffer and of the
-position buffer (padding rows never leave the device) into a span of the ``HostRing`` and
-returns a ``PendingStep``: that span and the step's metadata. Everything else (waiting for
-the copy, attribution, sampling, building the ``TokenBatch``) happens in ``Drain.resolve``
-on the shipper's thread, once for all the steps that go into one message.
+the forward. It copies the first ``num_tokens`` rows of the taps' one buffer and of the
+position buffer (padding rows never leave the device) into a span of the ``HostRing``, two
+copies whatever the number of sites, and returns a ``PendingStep``: that span and the
+step's metadata. Everything else (waiting for the copy, attribution, sampling, building the
+``TokenBatch``) happens in ``Drain.resolve`` on the shipper's thread, once for all the steps
+that go into one message.
 
 On a GPU the ring is pinned host memory, the copies are ``non_blocking`` on the current
 stream and a CUDA event fences them; ``resolve`` waits on that event. When the ring has no
@@ -61,8 +62,7 @@ class Drain:
         self.sample = sample
         self.drops = drops
         self._cuda = taps.positions.positions.device.type == "cuda"
-        widths = [tap.values.shape[1] for tap in taps.taps]
-        self.ring = HostRing(widths, ring_rows, pin=self._cuda)
+        self.ring = HostRing(taps.values.shape[1], ring_rows, pin=self._cuda)
         self.request_ids = RequestIds(identity.randomized_ids)
         self.trace_parent = trace_parent
         # Shipper thread only: what goes with the first batch that names a request.
@@ -87,8 +87,7 @@ class Drain:
             self.drops.add(DRAIN_BACKLOG, sampled)
             return None
         rows = slice(span.start, span.stop)
-        for tap, host in zip(self.taps.taps, self.ring.values, strict=True):
-            host[rows].copy_(tap.values[:n], non_blocking=self._cuda)
+        self.ring.values[rows].copy_(self.taps.values[:n], non_blocking=self._cuda)
         self.ring.positions[rows].copy_(self.taps.positions.positions[:n], non_blocking=self._cuda)
         event = None
         if self._cuda:
@@ -125,10 +124,7 @@ class Drain:
             rows = attribute(slots, np.concatenate(positions))
             sizes = [p.rows for p in steps]
             keep = self.sample.select(rows, slots.req_ids, sizes)
-            columns = [
-                np.concatenate([v[i] for v in values])[keep][:, shipped]
-                for i, shipped in enumerate(self.taps.shipped)
-            ]
+            values = np.concatenate(values)[keep][:, self.taps.shipped]
         finally:
             for pending in steps:
                 pending.discard()
@@ -151,8 +147,6 @@ class Drain:
         )
         present, request_index = np.unique(request_of_slot[rows.request_index], return_inverse=True)
         names = list(numbers)
-        k = self.taps.component_ids.shape[0]
-        values = np.concatenate(columns, axis=1) if columns else np.zeros((keep.shape[0], k))
         identity = self.identity
         request_ids = [names[r] for r in present]
         traces = self._unsent_traces.take(request_ids)
@@ -250,13 +244,13 @@ class PendingStep:
         self.rows = len(span)
         self.tokens = sampled  # what a drop of this step loses, in sampled tokens
 
-    def arrays(self) -> tuple[list[np.ndarray], np.ndarray]:
-        """(each tap's rows, positions) as host arrays, once the device copy has landed."""
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the taps' rows, positions) as host arrays, once the device copy has landed."""
         assert self._span is not None, "read after discard"
         if self._event is not None:
             self._event.synchronize()
         rows = slice(self._span.start, self._span.stop)
-        return [v[rows].numpy() for v in self._ring.values], self._ring.positions[rows].numpy()
+        return self._ring.values[rows].numpy(), self._ring.positions[rows].numpy()
 
     def discard(self) -> None:
         if self._span is not None:

@@ -1,12 +1,12 @@
 """Host memory for drained steps: rows handed out, and given back, first in first out.
 
-Every engine step copies its rows of each tap (and its positions) out of the device
-buffers, which the next forward overwrites, and the shipper holds them until the step is
-sent, a few tens of milliseconds later. ``HostRing`` preallocates that memory once: one
-block per tap and one for positions (pinned on a GPU, so the copies run asynchronously),
-of which each step takes a contiguous span of rows. Steps leave the shipper oldest first,
-so the rows in use are one circular range and taking a span is two comparisons. When the
-ring is full, ``take`` says so and the caller drops the step.
+Every engine step copies its rows of the taps' values (and its positions) out of the
+device buffers, which the next forward overwrites, and the shipper holds them until the step
+is sent, a few tens of milliseconds later. ``HostRing`` preallocates that memory once: one
+block for the values and one for positions (pinned on a GPU, so the copies run
+asynchronously), of which each step takes a contiguous span of rows. Steps leave the shipper
+oldest first, so the rows in use are one circular range and taking a span is two comparisons.
+When the ring is full, ``take`` says so and the caller drops the step.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ class Span:
 
 
 class HostRing:
-    def __init__(self, widths: list[int], rows: int, pin: bool = False):
+    def __init__(self, width: int, rows: int, pin: bool = False):
         self.rows = rows
-        self.values = [torch.empty((rows, w), pin_memory=pin) for w in widths]
+        self.values = torch.empty((rows, width), pin_memory=pin)
         self.positions = torch.empty(rows, dtype=torch.long, pin_memory=pin)
         self._lock = threading.Lock()
         self._head = 0  # where the next span starts, unless it wraps to 0
