@@ -7,6 +7,9 @@
     CIRCUITWATCH_QUEUE_SIZE  steps the shipper may hold while the sidecar is slow (default 256)
     CIRCUITWATCH_LINGER_MS   how long the shipper gathers steps into one message (default 50):
                              longer costs the engine less and delays the metrics more
+    CIRCUITWATCH_BUDGET      the share of the engine's step time the probe may spend on the
+                             engine thread (default 0.005): it samples fewer tokens to stay
+                             inside (see ``sidecar.probe.host.budget``)
 
 vLLM starts its engine processes with the environment of the process that launched it, so
 these must be set before the engine starts.
@@ -21,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.probe.host.attribution import DEFAULT_SAMPLE, SamplePolicy
+from sidecar.probe.host.budget import DEFAULT_BUDGET, check_budget
 
 ENV_SPEC = "CIRCUITWATCH_SPEC"
 ENV_ENDPOINT = "CIRCUITWATCH_ENDPOINT"
 ENV_SAMPLE = "CIRCUITWATCH_SAMPLE"
 ENV_QUEUE_SIZE = "CIRCUITWATCH_QUEUE_SIZE"
 ENV_LINGER_MS = "CIRCUITWATCH_LINGER_MS"
+ENV_BUDGET = "CIRCUITWATCH_BUDGET"
 DEFAULT_QUEUE_SIZE = 256
 DEFAULT_LINGER_MS = 50.0
 
@@ -38,12 +43,14 @@ class ProbeConfig:
     sample: SamplePolicy = SamplePolicy.parse(DEFAULT_SAMPLE)
     queue_size: int = DEFAULT_QUEUE_SIZE
     linger_ms: float = DEFAULT_LINGER_MS
+    budget: float = DEFAULT_BUDGET
 
     def __post_init__(self):
         if not self.endpoint.strip():
             raise ValueError("endpoint is empty: expected unix:///path/to.sock or host:port")
         _check_queue_size(self.queue_size)
         _check_linger_ms(self.linger_ms)
+        check_budget(self.budget)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProbeConfig | None:
@@ -64,7 +71,8 @@ class ProbeConfig:
             raise ValueError(f"{ENV_SAMPLE}: {e}") from None
         queue_size = _parse(env, ENV_QUEUE_SIZE, DEFAULT_QUEUE_SIZE, int, _check_queue_size)
         linger_ms = _parse(env, ENV_LINGER_MS, DEFAULT_LINGER_MS, float, _check_linger_ms)
-        return cls(Path(spec), endpoint, sample, queue_size, linger_ms)
+        budget = _parse(env, ENV_BUDGET, DEFAULT_BUDGET, float, check_budget)
+        return cls(Path(spec), endpoint, sample, queue_size, linger_ms, budget)
 
 
 def _check_queue_size(steps: int) -> None:

@@ -9,11 +9,17 @@ What it reads of vLLM (the engine, each step's layout, trace contexts) comes thr
 ``sidecar.probe.vllm_internals``. With async scheduling (vLLM's default where supported) the
 forward may still be running when ``execute_model`` returns; the drain's copies are queued on
 the same stream after it, so nothing here waits for it.
+
+The probe keeps to a latency budget (``sidecar.probe.host.budget``): ``after_step`` times its
+own work against the step's and the budget sets the sampling level the drain copies at.
+Its in-graph cost is estimated at start from the spec (``sidecar.spec.cost``), logged, sent
+with every batch, and reported as an error when the estimate alone exceeds the budget.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +29,13 @@ from sidecar.probe.config import ProbeConfig
 from sidecar.probe.graph.adapters import CheckpointWeights, LlamaAdapter
 from sidecar.probe.graph.cache_key import compile_cache_key
 from sidecar.probe.graph.taps import TapSet, install_taps
+from sidecar.probe.host.budget import Budget, StepTimes
 from sidecar.probe.host.cpus import spare_cpus
 from sidecar.probe.host.drain import BatchIdentity, Drain
 from sidecar.probe.host.shipper import DropCounts, Shipper, ShipperStats
 from sidecar.probe.vllm_internals import EngineView, StepLayout, key_compile_cache, read_step
 from sidecar.protocol.batch import row_bytes
+from sidecar.spec.cost import graph_cost
 from sidecar.spec.identity import shape_from_config
 from sidecar.spec.load import check_model, check_shape, load_spec
 from sidecar.spec.schema import CircuitSpec
@@ -45,6 +53,7 @@ class ProbeStats:
     steps: int  # engine steps seen
     component_ids: tuple[int, ...]  # the columns this rank ships
     shipper: ShipperStats
+    sample_level: float  # the latency budget's, see sidecar.probe.host.budget
 
 
 class WorkerProbe:
@@ -56,8 +65,10 @@ class WorkerProbe:
         shipper: Shipper,
         rank: int,
         trace_parents: TraceParents,
+        budget: Budget,
     ):
         self.spec = spec
+        self.budget = budget
         self.trace_parents = trace_parents
         self.taps = taps
         self.drain = drain
@@ -104,7 +115,10 @@ class WorkerProbe:
         # Room for a few forwards' worth of steps while the shipper gathers and sends.
         ring_rows = RING_FORWARDS * engine.max_tokens_per_forward
         trace_parents = TraceParents()
-        drain = Drain(taps, identity, config.sample, drops, ring_rows, trace_parents.take)
+        budget = _budget(config, spec, engine, cuda=device.type == "cuda")
+        drain = Drain(
+            taps, identity, config.sample, drops, ring_rows, trace_parents.take, budget.take
+        )
         shipper = Shipper(
             config.endpoint,
             drain.resolve,
@@ -123,12 +137,16 @@ class WorkerProbe:
             len(spec.components),
             config.endpoint,
         )
-        return cls(spec, taps, drain, shipper, engine.rank, trace_parents)
+        return cls(spec, taps, drain, shipper, engine.rank, trace_parents, budget)
 
-    def after_step(self, runner: Any, scheduler_output: Any) -> None:
-        """Drain this step into the shipper. Never raises: a failure turns the probe off."""
+    def after_step(self, runner: Any, scheduler_output: Any, started: float) -> None:
+        """Drain this step into the shipper. Never raises: a failure turns the probe off.
+
+        ``started``: when the worker's ``execute_model`` was entered (``time.perf_counter``).
+        """
         if self._failed:
             return
+        entered = time.perf_counter()
         self.steps += 1
         try:
             step = read_step(runner, scheduler_output)
@@ -140,12 +158,14 @@ class WorkerProbe:
                 layout = StepLayout.empty()
             else:
                 return
-            pending = self.drain.collect(self.steps, layout, step.finished)
+            pending = self.drain.collect(self.steps, layout, step.finished, self.budget.level)
             if pending is not None:
                 self.shipper.submit(pending)
         except Exception:
             self._failed = True
             logger.exception("circuitwatch: drain failed; probes off, the engine serves on")
+        finally:
+            self.budget.record(StepTimes(started, entered, time.perf_counter()))
 
     def close(self, timeout_s: float = 2.0) -> None:
         self.shipper.close(timeout_s)
@@ -157,7 +177,35 @@ class WorkerProbe:
             steps=self.steps,
             component_ids=tuple(int(i) for i in self.taps.component_ids),
             shipper=self.shipper.stats(),
+            sample_level=self.budget.level,
         )
+
+
+def _budget(config: ProbeConfig, spec: CircuitSpec, engine: EngineView, cuda: bool) -> Budget:
+    """The probe's budget, its in-graph cost estimated from the spec and logged."""
+    cost = graph_cost(spec, engine.hf_config)
+    adaptive = engine.world_size == 1 and not cuda
+    logger.info(
+        "circuitwatch: in-graph cost estimate %.2g of the model's FLOPs per token "
+        "(%.3g MFLOP probe, %.3g MFLOP model), about %d kernels per forward; budget %.3g "
+        "of step time, sampling level %s",
+        cost.share,
+        cost.probe_flops_per_token / 1e6,
+        cost.model_flops_per_token / 1e6,
+        cost.kernels,
+        config.budget,
+        "adapts to it" if adaptive else "fixed at 1 (tensor parallel or GPU, see budget.py)",
+    )
+    if cost.share > config.budget:
+        logger.error(
+            "circuitwatch: THE SPEC ALONE EXCEEDS THE LATENCY BUDGET: its taps' arithmetic is "
+            "estimated at %.3g of the model's, above CIRCUITWATCH_BUDGET=%.3g, before any "
+            "host work; sampling cannot lower it (every token runs through the taps). "
+            "Watch fewer components or sites, or raise the budget.",
+            cost.share,
+            config.budget,
+        )
+    return Budget(config.budget, cost.share, adaptive)
 
 
 class TraceParents:

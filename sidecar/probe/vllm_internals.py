@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,7 +84,7 @@ def log_through_vllm(name: str) -> None:
 class AttachedProbe(Protocol):
     """What the wrapped worker calls on the probe it holds."""
 
-    def after_step(self, runner: Any, scheduler_output: Any) -> None: ...
+    def after_step(self, runner: Any, scheduler_output: Any, started: float) -> None: ...
 
     def close(self) -> None: ...
 
@@ -94,7 +95,8 @@ def wrap_worker(install: Callable[[Any], AttachedProbe | None]) -> None:
     load_model     after the model is built and loaded, and before its first forward (the
                    profile run, where torch.compile traces it), ``install(worker)``, so the
                    taps are traced into the compiled graph; the probe it returns is attached;
-    execute_model  after each step's forward is launched, ``probe.after_step``;
+    execute_model  after each step's forward is launched, ``probe.after_step``, given when
+                   ``execute_model`` was entered (``time.perf_counter``, for the budget);
     shutdown       first ``probe.close()``.
     """
     from vllm.v1.worker.gpu_worker import Worker
@@ -115,10 +117,11 @@ def wrap_worker(install: Callable[[Any], AttachedProbe | None]) -> None:
 
     @functools.wraps(execute_model)
     def execute_model_then_drain(self, scheduler_output, *args, **kwargs):
+        started = time.perf_counter()
         output = execute_model(self, scheduler_output, *args, **kwargs)
         probe = attached_probe(self)
         if probe is not None:
-            probe.after_step(self.model_runner, scheduler_output)
+            probe.after_step(self.model_runner, scheduler_output, started)
         return output
 
     @functools.wraps(shutdown)

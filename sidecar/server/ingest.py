@@ -124,6 +124,8 @@ class IngestService:
                 f"batch from {batch.model_name!r} rank {batch.rank} was built for spec "
                 f"{batch.spec_hash!r}, this sidecar scores {self.spec_hash!r}",
             )
+        if batch.overhead is not None:
+            metrics.probe_overhead(model_name, batch.rank, batch.overhead)
         if batch.rank == 0:  # the ranks drop the same tokens: count them once (see join.py)
             for reason, count in drops.increments(batch.model_name, batch.dropped_total):
                 metrics.drop(model_name, metrics.reason_label(reason), count)

@@ -11,6 +11,15 @@ On a GPU the ring is pinned host memory, the copies are ``non_blocking`` on the 
 stream and a CUDA event fences them; ``resolve`` waits on that event. When the ring has no
 room (the shipper is far behind) the step is dropped and counted (``drain_backlog``)
 rather than waiting. On a CPU the copies are plain copies.
+
+Below a sampling level of 1 (the latency budget's, ``sidecar.probe.host.budget``) ``collect``
+first chooses the rows to keep (``SpreadSample``) and copies only those; a step left with
+no row and no finished request is not copied or queued at all. Choosing reads the step's
+positions on the host, which on a CPU are in host memory already. On a GPU it would need
+a sync, so there the level stays at 1; what would keep it there without one is a fixed
+number of slots chosen on the device (``torch.nonzero_static`` of the same test on the
+position buffer, written into a [slots, k] buffer), which keeps shapes static under CUDA
+graphs.
 """
 
 from __future__ import annotations
@@ -22,11 +31,11 @@ import numpy as np
 import torch
 
 from sidecar.probe.graph.taps import TapSet
-from sidecar.probe.host.attribution import RequestIds, SamplePolicy, attribute
+from sidecar.probe.host.attribution import RequestIds, SamplePolicy, SpreadSample, attribute
 from sidecar.probe.host.ring import HostRing, Span
 from sidecar.probe.host.shipper import DropCounts
 from sidecar.probe.vllm_internals import StepLayout
-from sidecar.protocol.batch import TokenBatch
+from sidecar.protocol.batch import ProbeOverhead, TokenBatch
 
 DRAIN_BACKLOG = "drain_backlog"
 
@@ -51,8 +60,10 @@ class Drain:
         drops: DropCounts,
         ring_rows: int,
         trace_parent: Callable[[str], str | None] = lambda request_id: None,
+        overhead: Callable[[], ProbeOverhead | None] = lambda: None,
     ):
-        """``trace_parent``: a request's W3C traceparent by engine id, given once."""
+        """``trace_parent``: a request's W3C traceparent by engine id, given once;
+        ``overhead``: what the probe cost since the last batch, taken once per batch."""
         self.taps = taps
         self.identity = identity
         self.sample = sample
@@ -62,21 +73,40 @@ class Drain:
         self.ring = HostRing(widths, ring_rows, pin=self._cuda)
         self.request_ids = RequestIds(identity.randomized_ids)
         self.trace_parent = trace_parent
+        self.overhead = overhead
+        self.spread = SpreadSample()
         self._unsent_traces: dict[str, str] = {}  # shipper thread only: until a batch names it
 
-    def collect(self, step: int, layout: StepLayout, finished: list[str]) -> PendingStep | None:
-        """Start copying this step's rows out; None (and counted) if the ring is full."""
+    def collect(
+        self, step: int, layout: StepLayout, finished: list[str], level: float = 1.0
+    ) -> PendingStep | None:
+        """Start copying this step's rows out, those ``level`` keeps; None when there is
+        nothing to send, or (counted) when the ring is full."""
         # Named here, every step, before any drop: every rank names requests alike.
         ids = self.request_ids.step(layout.req_ids, finished)
         n = layout.num_tokens
+        positions = self.taps.positions.positions
+        kept = None
+        if level < 1.0 and n:
+            kept = self.spread.select(layout, positions.numpy(), level)
+            n = kept.shape[0]
+        self.spread.forget(finished)
+        if kept is not None and n == 0 and not finished:
+            return None  # the level kept nothing: no copy, no message
         span = self.ring.take(n)
         if span is None:
             self.drops.add(DRAIN_BACKLOG, n)
             return None
         rows = slice(span.start, span.stop)
-        for tap, host in zip(self.taps.taps, self.ring.values, strict=True):
-            host[rows].copy_(tap.values[:n], non_blocking=self._cuda)
-        self.ring.positions[rows].copy_(self.taps.positions.positions[:n], non_blocking=self._cuda)
+        if kept is None:
+            for tap, host in zip(self.taps.taps, self.ring.values, strict=True):
+                host[rows].copy_(tap.values[:n], non_blocking=self._cuda)
+            self.ring.positions[rows].copy_(positions[:n], non_blocking=self._cuda)
+        else:
+            index = torch.from_numpy(kept)
+            for tap, host in zip(self.taps.taps, self.ring.values, strict=True):
+                torch.index_select(tap.values, 0, index, out=host[rows])
+            torch.index_select(positions, 0, index, out=self.ring.positions[rows])
         event = None
         if self._cuda:
             event = torch.cuda.Event()
@@ -86,7 +116,9 @@ class Drain:
             for internal, name in zip(layout.req_ids, ids.req_ids, strict=True)
             if (traceparent := self.trace_parent(internal)) is not None
         }
-        return PendingStep(self.ring, span, event, step, layout, ids.req_ids, ids.finished, traces)
+        return PendingStep(
+            self.ring, span, event, step, layout, ids.req_ids, ids.finished, traces, kept
+        )
 
     def resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
         """One ``TokenBatch`` of ``steps`` (in order), or None when none has anything to send.
@@ -102,7 +134,9 @@ class Drain:
                 np.concatenate([p.layout.num_scheduled for p in steps]),
                 np.concatenate([p.layout.prompt_lens for p in steps]),
             )
-            rows = attribute(slots, np.concatenate(positions))
+            starts = np.cumsum([0, *(p.layout.num_tokens for p in steps[:-1])])
+            kept = np.concatenate([s + p.kept_rows() for s, p in zip(starts, steps, strict=True)])
+            rows = attribute(slots, np.concatenate(positions), kept)
             sizes = [p.tokens for p in steps]
             keep = self.sample.select(rows, slots.req_ids, sizes)
             columns = [
@@ -154,6 +188,7 @@ class Drain:
             step_tokens=tuple(int(step_tokens[i]) for i in listed),
             step_finished=tuple(len(finished[i]) for i in listed),
             traceparents=traces,
+            overhead=self.overhead(),
         )
 
 
@@ -170,9 +205,11 @@ class PendingStep:
         names: list[str],
         finished: list[str],
         traces: dict[str, str],
+        kept: np.ndarray | None = None,
     ):
         """``names``: the exported ids of ``layout.req_ids``; ``finished``: exported ids;
-        ``traces``: traceparents of requests by exported id."""
+        ``traces``: traceparents of requests by exported id; ``kept``: which of the
+        layout's rows the span holds (None: all)."""
         self._ring = ring
         self._span: Span | None = span
         self._event = event
@@ -182,6 +219,11 @@ class PendingStep:
         self.finished = finished
         self.traces = traces
         self.tokens = len(span)  # what a drop of this step loses
+        self._kept = kept
+
+    def kept_rows(self) -> np.ndarray:
+        """Indices of the layout's rows the span holds, ascending."""
+        return np.arange(self.layout.num_tokens) if self._kept is None else self._kept
 
     def arrays(self) -> tuple[list[np.ndarray], np.ndarray]:
         """(each tap's rows, positions) as host arrays, once the device copy has landed."""
