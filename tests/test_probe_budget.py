@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from sidecar.probe.host.budget import (
     StepTimes,
     next_level,
 )
-from sidecar.probe.vllm_internals import StepLayout
+from sidecar.probe.vllm_internals import StepLayout, plain_decode
 from sidecar.protocol.batch import MalformedBatch, ProbeOverhead, from_message, to_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2
 from sidecar.server.metrics import SidecarMetrics
@@ -149,6 +150,32 @@ def test_the_budget_moves_the_level_per_window_and_reports_each_batchs_overhead(
     fixed = Budget(0.01, adaptive=False)  # tensor parallel, GPU: measured, not adapted
     steps(fixed, 4 * WINDOW_STEPS, 0.0005, 0.01)
     assert fixed.level == 1.0 and fixed.take().ratio == pytest.approx(0.05)
+
+
+def test_decode_steps_are_kept_one_in_stride_so_each_requests_tokens_are_evenly_spaced():
+    budget = Budget(0.01)
+    assert [budget.keeps_step(s) for s in range(1, 4)] == [True] * 3  # level 1: every step
+    budget.level = 0.25
+    assert budget.stride == 4
+    kept_steps = [s for s in range(1, 41) if budget.keeps_step(s)]
+    assert kept_steps == list(range(4, 41, 4))
+    # A request that starts decoding at step 3 at position 17 advances one position a step.
+    positions = [17 + s - 3 for s in kept_steps if s >= 3]
+    assert np.diff(positions).tolist() == [4] * (len(positions) - 1)
+
+
+def plain_step(new=(), finished=(), tokens=None):
+    tokens = tokens or {"a": 1, "b": 1}
+    return SimpleNamespace(scheduled_new_reqs=list(new), finished_req_ids=set(finished),
+                           num_scheduled_tokens=tokens,
+                           total_num_scheduled_tokens=sum(tokens.values()))  # fmt: skip
+
+
+def test_a_plain_decode_step_is_told_apart_from_one_that_starts_finishes_or_prefills():
+    assert plain_decode(plain_step())
+    assert not plain_decode(plain_step(new=["c"]))
+    assert not plain_decode(plain_step(finished=["a"]))
+    assert not plain_decode(plain_step(tokens={"a": 1, "b": 7}))
 
 
 def test_idle_time_between_steps_is_not_step_time():

@@ -110,11 +110,13 @@ def served(tmp_path_factory):
     rng = random.Random(0)
     prompts = [[rng.randrange(2, 500) for _ in range(rng.randint(8, 40))] for _ in range(REQUESTS)]
     spec = load_spec(REFERENCE_SPEC)
-    with Sidecar(spec, listen, metrics_port=0, metrics_host="127.0.0.1") as sidecar:
-        with mock.patch.dict(os.environ, env):
-            llm = LLM(model=str(REFERENCE_DIR), dtype="float32", gpu_memory_utilization=0.2,
-                      max_model_len=512, max_num_seqs=REQUESTS, seed=0,
-                      skip_tokenizer_init=True, enable_prefix_caching=False)  # fmt: skip
+    with (
+        Sidecar(spec, listen, metrics_port=0, metrics_host="127.0.0.1") as sidecar,
+        mock.patch.dict(os.environ, env),  # collective_rpc reads it in this process too
+    ):
+        llm = LLM(model=str(REFERENCE_DIR), dtype="float32", gpu_memory_utilization=0.2,
+                  max_model_len=512, max_num_seqs=REQUESTS, seed=0,
+                  skip_tokenizer_init=True, enable_prefix_caching=False)  # fmt: skip
         try:
             yield Served(llm, sidecar.metrics_url, prompts)
         finally:

@@ -33,7 +33,13 @@ from sidecar.probe.host.budget import Budget, StepTimes
 from sidecar.probe.host.cpus import spare_cpus
 from sidecar.probe.host.drain import BatchIdentity, Drain
 from sidecar.probe.host.shipper import DropCounts, Shipper, ShipperStats
-from sidecar.probe.vllm_internals import EngineView, StepLayout, key_compile_cache, read_step
+from sidecar.probe.vllm_internals import (
+    EngineView,
+    StepLayout,
+    key_compile_cache,
+    plain_decode,
+    read_step,
+)
 from sidecar.protocol.batch import row_bytes
 from sidecar.spec.cost import graph_cost
 from sidecar.spec.identity import shape_from_config
@@ -149,6 +155,12 @@ class WorkerProbe:
         entered = time.perf_counter()
         self.steps += 1
         try:
+            level = self.budget.level
+            if level < 1.0 and plain_decode(scheduler_output):
+                # Decode steps are sampled whole (see budget.py): most cost nothing more.
+                if not self.budget.keeps_step(self.steps):
+                    return
+                level = 1.0
             step = read_step(runner, scheduler_output)
             for request_id, traceparent in step.trace_contexts:
                 self.trace_parents.remember(request_id, traceparent)
@@ -158,7 +170,7 @@ class WorkerProbe:
                 layout = StepLayout.empty()
             else:
                 return
-            pending = self.drain.collect(self.steps, layout, step.finished, self.budget.level)
+            pending = self.drain.collect(self.steps, layout, step.finished, level)
             if pending is not None:
                 self.shipper.submit(pending)
         except Exception:

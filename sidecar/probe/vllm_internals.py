@@ -21,7 +21,7 @@ to the ``vllm`` package, line numbers those of 0.32.0.
     key_compile_cache    ``config/vllm.py``: ``VllmConfig.additional_config`` (421), hashed
                          into the compile-cache key (549)
     read_step            ``v1/core/sched/output.py`` ``SchedulerOutput`` (scheduled_new_reqs
-                         236, num_scheduled_tokens 244, total_num_scheduled_tokens 247,
+    plain_decode         236, num_scheduled_tokens 244, total_num_scheduled_tokens 247,
                          finished_req_ids 260); the model runners' batch (``step_layout``)
     carry_trace_context  ``v1/request.py`` ``Request.trace_headers`` (196) and
                          ``sampling_params``; ``sampling_params.py`` ``extra_args`` (412)
@@ -264,6 +264,17 @@ def read_step(runner: Any, scheduler_output: Any) -> EngineStep:
             if scheduler_output.total_num_scheduled_tokens
             else None
         ),
+    )
+
+
+def plain_decode(scheduler_output: Any) -> bool:
+    """Whether the step only feeds back one generated token per running request: no request
+    starts or finishes in it, and it schedules as many tokens as requests. O(1)."""
+    return (
+        not scheduler_output.scheduled_new_reqs
+        and not scheduler_output.finished_req_ids
+        and scheduler_output.total_num_scheduled_tokens
+        == len(scheduler_output.num_scheduled_tokens)
     )
 
 

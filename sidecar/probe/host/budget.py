@@ -16,9 +16,21 @@ batch (``ProbeOverhead``) and becomes ``circuitwatch_probe_overhead_ratio``. Not
 shipper's thread (its CPU time and its turns at the interpreter lock) and the in-graph work,
 which is estimated once at start from the spec (``sidecar.spec.cost``).
 
-Controlled: the sampling level, the share of each request's tokens the drain copies out
-(``SpreadSample`` in ``sidecar.probe.host.attribution``, chosen before the copy, so fewer rows
-cost fewer copies and a step left with none costs no copy and no message at all). Every
+Controlled: the sampling level, the share of each request's tokens the probe ships, taken
+where the engine thread saves most:
+    decode steps   (one generated token per running request, no request starting or
+                   finishing: ``vllm_internals.plain_decode``, an O(1) test) are kept whole,
+                   one in ``stride`` = round(1 / level), and the others are left at once, before
+                   the step is even read. A request advances one position per step, so its
+                   kept generated tokens are evenly spaced, ``stride`` apart, from an offset set
+                   by the step it started in: a systematic sample, each token kept with
+                   probability 1 / stride whatever its value.
+    other steps    (prefill chunks, requests starting or finishing) are read, and the drain
+                   copies only the rows ``SpreadSample`` (``sidecar.probe.host.attribution``)
+                   keeps at the level, a systematic sample of each request's positions that
+                   keeps at least one prompt token of every request.
+On the CPU build a row's copy costs little next to reading a step in Python, so what the
+level saves is mostly the steps it leaves unread. Every
 ``WINDOW_STEPS`` steps the window's ratio is compared with the budget: above
 ``HIGH`` x budget the level is halved, below ``LOW`` x budget it grows by a quarter, between
 the two it holds; it stays within [``MIN_LEVEL``, 1]. What the probe does on every step
@@ -72,6 +84,15 @@ class Budget:
         self._window = [0.0, 0.0, 0]  # probe s, step s, steps: the controller's (engine thread)
         self._lock = threading.Lock()
         self._unsent = [0.0, 0.0]  # probe s, step s since the last take (both threads)
+
+    @property
+    def stride(self) -> int:
+        """One decode step in this many is drained at the current level."""
+        return max(1, round(1.0 / self.level))
+
+    def keeps_step(self, step: int) -> bool:
+        """Whether decode step ``step`` is drained (the others are left unread)."""
+        return step % self.stride == 0
 
     def set_budget(self, budget: float) -> None:
         """Change the budget of a running probe (operators, tests: ``collective_rpc``)."""
