@@ -275,22 +275,25 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
     )
-    by_rank = "sum by (model_name, rank)"
+    overhead = f"circuitwatch_probe_overhead_ratio_bucket{{{MODEL}}}"
     probe = Row(
         "Probe cost",
         (
             Panel(
                 "Probe overhead",
-                "Share of the engine's step time the probe spent on the engine thread (mean "
-                "of its batches' reports), against its budget (CIRCUITWATCH_BUDGET; alert "
-                "CircuitwatchProbeOverBudget when above it for 15 minutes), and the in-graph "
-                "cost estimated from the spec (probe over model FLOPs per token).",
+                "Share of the engine's step time the probe spent on the engine thread: p50 and "
+                "p99 of its batches' reports (one about every 50 ms), against its budget "
+                "(CIRCUITWATCH_BUDGET; alert CircuitwatchProbeOverBudget when the mean is "
+                "above it for 15 minutes), and the in-graph cost estimated from the spec "
+                "(probe over model FLOPs per token).",
                 (
-                    Query(
-                        f"{by_rank} (rate(circuitwatch_probe_overhead_ratio_sum{{{MODEL}}}{RATE}))"
-                        f" / {by_rank} "
-                        f"(rate(circuitwatch_probe_overhead_ratio_count{{{MODEL}}}{RATE}))",
-                        "{{model_name}} rank {{rank}}",
+                    *(
+                        Query(
+                            f"histogram_quantile({q}, sum by (le, model_name, rank) "
+                            f"(rate({overhead}{RATE})))",
+                            f"{{{{model_name}}}} rank {{{{rank}}}} p{round(q * 100)}",
+                        )
+                        for q in (0.5, 0.99)
                     ),
                     Query(
                         f"max by (model_name, rank) (circuitwatch_probe_budget_ratio{{{MODEL}}})",
