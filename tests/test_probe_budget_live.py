@@ -2,10 +2,11 @@
 compiled mode with the plugin, the real sidecar, and the probe's measured overhead and
 sampling level read from the sidecar's /metrics as an operator would.
 
-One engine: its budget is changed while it serves (``probe_set_budget``), loose, then tight
-(below what the probe costs at full sampling), then loose again. Under the tight budget the
-level must fall and the overhead measured after it settled must stay under the budget; under
-the loose one the level must come back to 1.
+One engine, with the default sampling policy (``CIRCUITWATCH_SAMPLE=1.0``, every token, would
+pin the level at 1). Its budget is changed while it serves (``probe_set_budget``): loose, then
+tight (below what the probe costs at full sampling), then loose again. Under the tight budget
+the level must fall and the overhead measured after it settled must stay under the budget;
+under the loose one the level must come back to 1.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from probe_engine_helpers import generate, stop_engine
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
-from sidecar.probe.config import ENV_BUDGET, ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
+from sidecar.probe.config import ENV_BUDGET, ENV_ENDPOINT, ENV_SPEC
 from sidecar.probe.host.budget import WINDOW_STEPS
 from sidecar.probe.plugin import probe_flush, probe_set_budget
 from sidecar.server.service import Sidecar
@@ -103,7 +104,6 @@ def served(tmp_path_factory):
     env = {
         ENV_SPEC: str(REFERENCE_SPEC),
         ENV_ENDPOINT: listen,
-        ENV_SAMPLE: "1.0",
         ENV_BUDGET: str(LOOSE),
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc(probe_set_budget)
     }

@@ -9,7 +9,8 @@
                              longer costs the engine less and delays the metrics more
     CIRCUITWATCH_BUDGET      the share of the engine's step time the probe may spend on the
                              engine thread (default 0.005): it samples fewer tokens to stay
-                             inside (see ``sidecar.probe.host.budget``)
+                             inside (see ``sidecar.probe.host.budget``); with
+                             ``CIRCUITWATCH_SAMPLE=1.0`` (every token) it is only measured
 
 vLLM starts its engine processes with the environment of the process that launched it, so
 these must be set before the engine starts.

@@ -196,7 +196,8 @@ class WorkerProbe:
 def _budget(config: ProbeConfig, spec: CircuitSpec, engine: EngineView, cuda: bool) -> Budget:
     """The probe's budget, its in-graph cost estimated from the spec and logged."""
     cost = graph_cost(spec, engine.hf_config)
-    adaptive = engine.world_size == 1 and not cuda
+    every_token = config.sample.fraction == 1.0  # asked for explicitly: never thinned
+    adaptive = engine.world_size == 1 and not cuda and not every_token
     logger.info(
         "circuitwatch: in-graph cost estimate %.2g of the model's FLOPs per token "
         "(%.3g MFLOP probe, %.3g MFLOP model), about %d kernels per forward; budget %.3g "
@@ -206,7 +207,9 @@ def _budget(config: ProbeConfig, spec: CircuitSpec, engine: EngineView, cuda: bo
         cost.model_flops_per_token / 1e6,
         cost.kernels,
         config.budget,
-        "adapts to it" if adaptive else "fixed at 1 (tensor parallel or GPU, see budget.py)",
+        "adapts to it"
+        if adaptive
+        else "fixed at 1 (every token asked for, tensor parallel or GPU: see budget.py)",
     )
     if cost.share > config.budget:
         logger.error(

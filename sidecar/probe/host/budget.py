@@ -38,7 +38,9 @@ whatever the level (reading the step, naming its requests) is a floor no level r
 a budget below it holds the level at ``MIN_LEVEL`` and the overhead above the budget, which
 is what the alert "CircuitwatchProbeOverBudget" reports.
 
-Where the level cannot adapt, it stays at 1 and only the measurement runs: under tensor
+Where the level may not or cannot adapt, it stays at 1 and only the measurement runs (and
+the alert reports a probe over its budget): when ``CIRCUITWATCH_SAMPLE=1.0`` asks for every
+token (exact monitoring: the operator chose the cost), under tensor
 parallelism (every rank must keep the same rows, and each rank's clock would pick its own
 level) and on a GPU (choosing rows there needs positions read on the device, see
 ``Drain``).
