@@ -114,7 +114,7 @@ def served(tmp_path_factory):
         Sidecar(spec, listen, metrics_port=0, metrics_host="127.0.0.1") as sidecar,
         mock.patch.dict(os.environ, env),  # collective_rpc reads it in this process too
     ):
-        llm = LLM(model=str(REFERENCE_DIR), dtype="float32", gpu_memory_utilization=0.2,
+        llm = LLM(model=str(REFERENCE_DIR), dtype="float32", gpu_memory_utilization=0.1,
                   max_model_len=512, max_num_seqs=REQUESTS, seed=0,
                   skip_tokenizer_init=True, enable_prefix_caching=False)  # fmt: skip
         try:

@@ -27,15 +27,16 @@ tensor-parallel rank because it reads only the step's metadata:
 Default ``"512"``: every token of a step up to 512, which covers every decode step of a
 batch of up to 512 requests, and thins out only long prefill chunks.
 
-The latency budget's level (``sidecar.probe.host.budget``) thins every step before the policy
-above, and before the rows are copied: ``SpreadSample`` keeps a systematic sample of each
-request's tokens, evenly spread over its positions from an offset drawn from its id. Each
-token is kept with probability exactly the level (over the offset), so a request's sampled
-tokens estimate its per-phase aggregates without bias, and a request of L tokens at level p
-gets floor(L·p) or ceil(L·p) of them, never left to chance. Prompt tokens are kept at
-least at 1/(prompt length), so every request has a sampled prompt token however low the
-level: no request is starved. The decision reads only the request id, the position and the
-level: a token's fate does not depend on which step or batch it came in.
+The latency budget's level (``sidecar.probe.host.budget``) thins steps before the policy
+above, and before the rows are copied. Plain decode steps are kept or left whole (see
+there); in the others ``SpreadSample`` keeps a systematic sample of each request's tokens,
+evenly spread over its positions from an offset drawn from its id. Each token is kept with
+probability exactly the level (over the offset), so a request's sampled tokens estimate its
+per-phase aggregates without bias, and a request of L tokens at level p gets floor(L·p) or
+ceil(L·p) of them, never left to chance. Prompt tokens are kept at least at 1/(prompt
+length), so every request has a sampled prompt token however low the level: no request is
+starved. The decision reads only the request id, the position and the level: a token's fate
+does not depend on which step or batch it came in.
 """
 
 from __future__ import annotations
