@@ -21,21 +21,14 @@ Specs, both generated for the model at hand (``model_hash`` of its directory):
                 ``RESID_DIRECTIONS`` directions on hook_resid_post, ``MLP_DIRECTIONS`` on
                 mlp.hook_post; 4 circuits.
 
-FLOPs per token (the physical limit of a probe): what the taps' products cost, counted by
-the reducers themselves (``SiteReducer.product_flops``, built here with a stand-in W_O of the
-model's shape: the cost depends on which columns are read, not on the weights), plus 3·d_head
-per head read by norm (squares, their sum, the root) and d_model per residual-stream site
-(hidden + residual). A site is one product over the columns its components read, 2 FLOPs per
-column and feature, except that heads read by norm far apart get a batched product over
-their own columns (2·d_head² each; see reduce.py). The model costs about 2·N, N its
-parameters without the input embedding table (a lookup, not a product; with tied embeddings
-the same table is also the output projection, which is a product); attention over the
-context is left out.
+FLOPs per token, of the probe and of the model: ``sidecar.spec.cost`` (shared with the probe,
+which estimates its in-graph cost at start).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +37,11 @@ import yaml
 from safetensors.torch import save_file
 
 from sidecar.models.registry import REFERENCE_DIR, SMOLLM2_SPEC, model_path
-from sidecar.probe.graph.reduce import SiteReducer, SiteShard
+from sidecar.spec.cost import llama_weight_shapes, probe_flops_per_token
 from sidecar.spec.identity import ModelShape, model_hash, read_model_shape
 from sidecar.spec.load import load_spec
 from sidecar.spec.schema import ComponentKind
-from sidecar.spec.sites import Site, SiteKind
+from sidecar.spec.sites import Site
 
 HEADS_PER_LAYER = 2
 RESID_DIRECTIONS = 8
@@ -142,7 +135,7 @@ def _write_model(path: Path, sizes: dict, dtype: str, weights: bool) -> None:
         return
     generator = torch.Generator().manual_seed(0)
     tensors = {}
-    for name, shape in _weight_shapes(config).items():
+    for name, shape in llama_weight_shapes(config).items():
         if name.endswith("norm.weight"):
             tensor = torch.ones(shape)
         else:
@@ -161,7 +154,7 @@ def _describe(name: str, path: Path, dummy: bool, description: str) -> BenchMode
         description=description,
         shape=read_model_shape(path),
         vocab_size=int(config["vocab_size"]),
-        parameters=sum(_numel(s) for s in _weight_shapes(config).values()),
+        parameters=sum(math.prod(s) for s in llama_weight_shapes(config).values()),
         bundled_spec=bundled[0] if bundled else None,
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
@@ -189,38 +182,6 @@ def _llama_config(sizes: dict, dtype: str) -> dict:
         "torch_dtype": dtype,
         **sizes,
     }
-
-
-def _weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Hugging Face Llama tensor names and shapes for ``config``."""
-    d, v = config["hidden_size"], config["vocab_size"]
-    heads, kv, dh = (config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
-    mlp = config["intermediate_size"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (heads * dh, d),
-            p + "self_attn.k_proj.weight": (kv * dh, d),
-            p + "self_attn.v_proj.weight": (kv * dh, d),
-            p + "self_attn.o_proj.weight": (d, heads * dh),
-            p + "mlp.gate_proj.weight": (mlp, d),
-            p + "mlp.up_proj.weight": (mlp, d),
-            p + "mlp.down_proj.weight": (d, mlp),
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-        }
-    shapes["model.norm.weight"] = (d,)
-    if not config.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (v, d)
-    return shapes
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def typical_spec(model: BenchModel, folder: Path) -> Path:
@@ -341,26 +302,9 @@ class ProbeCost:
     components: int
     sites: int
     flops_per_token: float
-    products: int  # matrix products per forward
 
 
 def probe_cost(spec_path: Path, shape: ModelShape) -> ProbeCost:
-    """FLOPs per token the spec's components need (the formulas in the module docstring)."""
+    """FLOPs per token the spec's components need (``sidecar.spec.cost``)."""
     spec = load_spec(spec_path)
-    flops = 0.0
-    products = 0
-    for site in spec.sites:
-        components = [(i, c) for i, c in enumerate(spec.components) if c.site == site]
-        width = shape.width(site)
-        if site.kind is SiteKind.ATTN_Z:
-            w_o = torch.zeros(shape.d_model, width)
-            heads = range(shape.n_heads)
-            shard = SiteShard(width, slice(0, width), False, heads, shape.d_head, w_o)
-        else:
-            shard = SiteShard(width, slice(0, width), site.kind is not SiteKind.MLP_POST)
-        reducer = SiteReducer(components, shard)
-        flops += reducer.product_flops + 3 * shape.d_head * reducer.n_norms
-        products += bool(reducer.weight.numel()) + bool(reducer.factors.numel())
-        if site.kind in (SiteKind.RESID_POST, SiteKind.RESID_PRE):
-            flops += shape.d_model  # hidden + residual, once per site
-    return ProbeCost(len(spec.components), len(spec.sites), flops, products)
+    return ProbeCost(len(spec.components), len(spec.sites), probe_flops_per_token(spec, shape))

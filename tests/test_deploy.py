@@ -53,11 +53,16 @@ SIDECAR_METRICS = {
     "circuitwatch_live_requests": {"model_name"},
     "circuitwatch_token_to_metric_seconds": {"model_name"},
     "circuitwatch_build_info": {"version", "spec_hash", "model_hash", "model_name"},
+    "circuitwatch_probe_overhead_ratio": {"model_name", "rank"},
+    "circuitwatch_probe_budget_ratio": {"model_name", "rank"},
+    "circuitwatch_probe_sample_level": {"model_name", "rank"},
+    "circuitwatch_probe_graph_cost_ratio": {"model_name", "rank"},
 }
 HISTOGRAMS = {
     "circuitwatch_circuit_score",
     "circuitwatch_token_to_metric_seconds",
     "circuitwatch_anomaly_score",
+    "circuitwatch_probe_overhead_ratio",
 }
 # The rules also read these: Prometheus' own target health and vLLM's token counter.
 OTHER_RULE_METRICS = {"up", "vllm:generation_tokens_total"}

@@ -63,7 +63,7 @@ def test_written_configs_pass_promtool_and_amtool(tmp_path: Path) -> None:
     check = subprocess.run([tool("promtool"), "check", "config", str(tmp_path / "prometheus.yml")],
                            capture_output=True, text=True)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 17 rules found" in check.stdout + check.stderr
+    assert "SUCCESS: 20 rules found" in check.stdout + check.stderr
     for webhook in ("http://127.0.0.1:5001/alerts", None):
         (tmp_path / "am.yml").write_text(yaml.safe_dump(alertmanager_config(webhook)))
         check = subprocess.run([tool("amtool"), "check-config", str(tmp_path / "am.yml")],

@@ -21,6 +21,7 @@ from sidecar.models.registry import REFERENCE_SPEC
 from sidecar.probe.config import ENV_ENDPOINT, ENV_FAULT, ENV_SPEC, ProbeConfig
 from sidecar.probe.graph.reduce import SiteReducer, SiteShard
 from sidecar.probe.graph.taps import PositionTap, Tap, TapSet
+from sidecar.probe.host.budget import Budget
 from sidecar.probe.host.health import (
     DRAIN_COLLECT,
     DRAIN_RESOLVE,
@@ -214,7 +215,8 @@ def test_a_failing_resolve_turns_the_probe_off_and_what_it_held_counts_as_droppe
     )
     fault = FaultInjection("resolve", from_step=2)
     spec = load_spec(REFERENCE_SPEC)
-    probe = WorkerProbe(spec, taps, drain, ship, 0, TraceParents(), health, fault)
+    budget = Budget(0.005, adaptive=False)
+    probe = WorkerProbe(spec, taps, drain, ship, 0, TraceParents(), health, budget, fault)
     try:
         probe.shipper.submit(run_step(drain, taps, 1, [("a-0000000a", 3, [0, 1, 2])]))
         assert wait_until(lambda: len(server.batches) == 1)

@@ -326,7 +326,55 @@ def rows() -> tuple[Row, ...]:
             ),
         ),
     )
-    return (overview, activity, anomaly, per_circuit, pipeline)
+    overhead = f"circuitwatch_probe_overhead_ratio_bucket{{{MODEL}}}"
+    probe = Row(
+        "Probe cost",
+        (
+            Panel(
+                "Probe overhead",
+                "Share of the engine's step time the probe spent on the engine thread: p50 and "
+                "p99 of its batches' reports (one about every 50 ms), against its budget "
+                "(CIRCUITWATCH_BUDGET; alert CircuitwatchProbeOverBudget when the mean is "
+                "above it for 15 minutes), and the in-graph cost estimated from the spec "
+                "(probe over model FLOPs per token).",
+                (
+                    *(
+                        Query(
+                            f"histogram_quantile({q}, sum by (le, model_name, rank) "
+                            f"(rate({overhead}{RATE})))",
+                            f"{{{{model_name}}}} rank {{{{rank}}}} p{round(q * 100)}",
+                        )
+                        for q in (0.5, 0.99)
+                    ),
+                    Query(
+                        f"max by (model_name, rank) (circuitwatch_probe_budget_ratio{{{MODEL}}})",
+                        "{{model_name}} rank {{rank}} budget",
+                    ),
+                    Query(
+                        "max by (model_name, rank) "
+                        f"(circuitwatch_probe_graph_cost_ratio{{{MODEL}}})",
+                        "{{model_name}} rank {{rank}} in-graph estimate",
+                    ),
+                ),
+                unit="percentunit",
+                width=12,
+            ),
+            Panel(
+                "Sampling level",
+                "Share of each request's tokens the probe's budget lets through now (1: "
+                "every token); it falls when the probe costs more than its budget.",
+                (
+                    Query(
+                        f"max by (model_name, rank) (circuitwatch_probe_sample_level{{{MODEL}}})",
+                        "{{model_name}} rank {{rank}}",
+                    ),
+                ),
+                unit="percentunit",
+                width=12,
+            ),
+        ),
+    )
+    return (overview, activity, anomaly, per_circuit, pipeline, probe)
 
 
 def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:

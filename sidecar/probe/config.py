@@ -7,6 +7,10 @@
     CIRCUITWATCH_QUEUE_SIZE  steps the shipper may hold while the sidecar is slow (default 256)
     CIRCUITWATCH_LINGER_MS   how long the shipper gathers steps into one message (default 50):
                              longer costs the engine less and delays the metrics more
+    CIRCUITWATCH_BUDGET      the share of the engine's step time the probe may spend on the
+                             engine thread (default 0.005): it samples fewer tokens to stay
+                             inside (see ``sidecar.probe.host.budget``); with
+                             ``CIRCUITWATCH_SAMPLE=1.0`` (every token) it is only measured
     CIRCUITWATCH_FAULT       test hook, never set in production: make the probe fail for real
                              at one point (tap_error, site_missing, site_shape, collect or
                              resolve, e.g. ``collect@20``: from engine step 20), to see it turn
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.probe.host.attribution import DEFAULT_SAMPLE, SamplePolicy
+from sidecar.probe.host.budget import DEFAULT_BUDGET, check_budget
 from sidecar.probe.host.health import FaultInjection
 
 ENV_SPEC = "CIRCUITWATCH_SPEC"
@@ -34,6 +39,7 @@ ENV_SAMPLE = "CIRCUITWATCH_SAMPLE"
 ENV_QUEUE_SIZE = "CIRCUITWATCH_QUEUE_SIZE"
 ENV_LINGER_MS = "CIRCUITWATCH_LINGER_MS"
 ENV_FAULT = "CIRCUITWATCH_FAULT"
+ENV_BUDGET = "CIRCUITWATCH_BUDGET"
 DEFAULT_QUEUE_SIZE = 256
 DEFAULT_LINGER_MS = 50.0
 
@@ -46,12 +52,14 @@ class ProbeConfig:
     queue_size: int = DEFAULT_QUEUE_SIZE
     linger_ms: float = DEFAULT_LINGER_MS
     fault: FaultInjection | None = None  # test hook
+    budget: float = DEFAULT_BUDGET
 
     def __post_init__(self):
         if not self.endpoint.strip():
             raise ValueError("endpoint is empty: expected unix:///path/to.sock or host:port")
         _check_queue_size(self.queue_size)
         _check_linger_ms(self.linger_ms)
+        check_budget(self.budget)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProbeConfig | None:
@@ -78,7 +86,8 @@ class ProbeConfig:
                 fault = FaultInjection.parse(env[ENV_FAULT])
             except ValueError as e:
                 raise ValueError(f"{ENV_FAULT}: {e}") from None
-        return cls(Path(spec), endpoint, sample, queue_size, linger_ms, fault)
+        budget = _parse(env, ENV_BUDGET, DEFAULT_BUDGET, float, check_budget)
+        return cls(Path(spec), endpoint, sample, queue_size, linger_ms, fault, budget)
 
 
 def _check_queue_size(steps: int) -> None:

@@ -10,9 +10,10 @@ request's W3C ``traceparent`` to the workers).
 Wrapping is idempotent. Nothing here raises into vLLM: a bad setting, a bad spec, an
 unsupported model or a failing drain is logged and the engine serves without probes.
 
-For tests and operators, ``probe_stats`` and ``probe_flush`` run on a worker through
-``LLM.collective_rpc`` (which needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` for functions);
-``probe_inject_fault`` is a test hook that makes a running probe fail at a named point.
+For tests and operators, ``probe_stats``, ``probe_flush`` and ``probe_set_budget`` run on a
+worker through ``LLM.collective_rpc`` (which needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` for
+functions); ``probe_inject_fault`` is a test hook that makes a running probe fail at a named
+point.
 """
 
 from __future__ import annotations
@@ -90,3 +91,12 @@ def probe_flush(worker: Any, timeout_s: float = 10.0) -> bool:
     """Wait until this worker's shipper has sent or dropped every queued step."""
     probe = vllm_internals.attached_probe(worker)
     return probe is not None and probe.shipper.flush(timeout_s)
+
+
+def probe_set_budget(worker: Any, budget: float) -> bool:
+    """Change this worker's latency budget (``CIRCUITWATCH_BUDGET``) while it serves."""
+    probe = vllm_internals.attached_probe(worker)
+    if probe is None:
+        return False
+    probe.budget.set_budget(budget)
+    return True

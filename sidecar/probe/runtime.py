@@ -24,12 +24,18 @@ throughput on a 220 M-parameter Llama (no measurable cost), 89 % ± 7 (busy mach
 96 % ± 4 (quiet) on the 2-layer reference model, whose own kernels are so small that the
 taps' launches show. tests/test_faults.py prints the same engine's throughput before and
 after its probe turned off.
+
+The probe keeps to a latency budget (``sidecar.probe.host.budget``): ``after_step`` times its
+own work against the step's and the budget sets the sampling level the drain copies at.
+Its in-graph cost is estimated at start from the spec (``sidecar.spec.cost``), logged, sent
+with every batch, and reported as an error when the estimate alone exceeds the budget.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +46,7 @@ from sidecar.probe.config import ProbeConfig
 from sidecar.probe.graph.adapters import CheckpointWeights, LlamaAdapter
 from sidecar.probe.graph.cache_key import compile_cache_key
 from sidecar.probe.graph.taps import TapSet, install_taps
+from sidecar.probe.host.budget import Budget, StepTimes
 from sidecar.probe.host.cpus import spare_cpus
 from sidecar.probe.host.drain import BatchIdentity, Drain, PendingStep
 from sidecar.probe.host.health import (
@@ -52,8 +59,15 @@ from sidecar.probe.host.health import (
     ProbeStatus,
 )
 from sidecar.probe.host.shipper import DropCounts, Resolve, Shipper, ShipperStats
-from sidecar.probe.vllm_internals import EngineView, StepLayout, key_compile_cache, read_step
+from sidecar.probe.vllm_internals import (
+    EngineView,
+    StepLayout,
+    key_compile_cache,
+    plain_decode,
+    read_step,
+)
 from sidecar.protocol.batch import TokenBatch, row_bytes
+from sidecar.spec.cost import graph_cost
 from sidecar.spec.identity import shape_from_config
 from sidecar.spec.load import check_model, check_shape, load_spec
 from sidecar.spec.schema import CircuitSpec
@@ -75,6 +89,7 @@ class ProbeStats:
     component_ids: tuple[int, ...]  # the columns this rank ships
     shipper: ShipperStats
     status: ProbeStatus  # on or off, and the faults so far by reason
+    sample_level: float  # the latency budget's, see sidecar.probe.host.budget
 
 
 class WorkerProbe:
@@ -87,12 +102,14 @@ class WorkerProbe:
         rank: int,
         trace_parents: TraceParents,
         health: ProbeHealth,
+        budget: Budget,
         fault: FaultInjection | None = None,
     ):
         """``ship(resolve)``: the shipper, given the function that builds its batches."""
         self.spec = spec
         self.health = health
         self.fault = fault  # test hook, see health.FaultInjection
+        self.budget = budget
         self.trace_parents = trace_parents
         self.taps = taps
         self.drain = drain
@@ -141,7 +158,10 @@ class WorkerProbe:
         # Room for a few forwards' worth of steps while the shipper gathers and sends.
         ring_rows = RING_FORWARDS * engine.max_tokens_per_forward
         trace_parents = TraceParents()
-        drain = Drain(taps, identity, config.sample, drops, ring_rows, trace_parents.take)
+        budget = _budget(config, spec, engine, cuda=device.type == "cuda")
+        drain = Drain(
+            taps, identity, config.sample, drops, ring_rows, trace_parents.take, budget.take
+        )
         health = ProbeHealth()
         fault = config.fault
         if fault is not None:
@@ -158,7 +178,7 @@ class WorkerProbe:
             status=health.status,
             empty=drain.empty,
         )
-        probe = cls(spec, taps, drain, ship, engine.rank, trace_parents, health, fault)
+        probe = cls(spec, taps, drain, ship, engine.rank, trace_parents, health, budget, fault)
         logger.info(
             "circuitwatch: rank %d/%d taps %d sites, ships %d of %d components to %s",
             engine.rank,
@@ -170,12 +190,22 @@ class WorkerProbe:
         )
         return probe
 
-    def after_step(self, runner: Any, scheduler_output: Any) -> None:
-        """Drain this step into the shipper. Never raises: a failure turns the probe off."""
+    def after_step(self, runner: Any, scheduler_output: Any, started: float) -> None:
+        """Drain this step into the shipper. Never raises: a failure turns the probe off.
+
+        ``started``: when the worker's ``execute_model`` was entered (``time.perf_counter``).
+        """
         if not self.health.enabled:
             return
+        entered = time.perf_counter()
         self.steps += 1
         try:
+            level = self.budget.level
+            if level < 1.0 and plain_decode(scheduler_output):
+                # Decode steps are sampled whole (see budget.py): most cost nothing more.
+                if not self.budget.keeps_step(self.steps):
+                    return
+                level = 1.0
             step = read_step(runner, scheduler_output)
             for request_id, traceparent in step.trace_contexts:
                 self.trace_parents.remember(request_id, traceparent)
@@ -191,12 +221,14 @@ class WorkerProbe:
             if self.fault is not None:
                 self.fault.check("collect", self.steps)
             pending = self.drain.collect(
-                self.steps, layout, step.finished, dict(step.prefix_cached)
+                self.steps, layout, step.finished, dict(step.prefix_cached), level
             )
             if pending is not None:
                 self.shipper.submit(pending)
         except Exception as error:
             self._fail(error.reason if isinstance(error, ProbeFault) else DRAIN_COLLECT, error)
+        finally:
+            self.budget.record(StepTimes(started, entered, time.perf_counter()))
 
     def _resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
         """``Drain.resolve`` on the shipper thread; a failure turns the probe off."""
@@ -232,7 +264,38 @@ class WorkerProbe:
             component_ids=tuple(int(i) for i in self.taps.component_ids),
             shipper=self.shipper.stats(),
             status=self.health.status(),
+            sample_level=self.budget.level,
         )
+
+
+def _budget(config: ProbeConfig, spec: CircuitSpec, engine: EngineView, cuda: bool) -> Budget:
+    """The probe's budget, its in-graph cost estimated from the spec and logged."""
+    cost = graph_cost(spec, engine.hf_config)
+    every_token = config.sample.fraction == 1.0  # asked for explicitly: never thinned
+    adaptive = engine.world_size == 1 and not cuda and not every_token
+    logger.info(
+        "circuitwatch: in-graph cost estimate %.2g of the model's FLOPs per token "
+        "(%.3g MFLOP probe, %.3g MFLOP model), about %d kernels per forward; budget %.3g "
+        "of step time, sampling level %s",
+        cost.share,
+        cost.probe_flops_per_token / 1e6,
+        cost.model_flops_per_token / 1e6,
+        cost.kernels,
+        config.budget,
+        "adapts to it"
+        if adaptive
+        else "fixed at 1 (every token asked for, tensor parallel or GPU: see budget.py)",
+    )
+    if cost.share > config.budget:
+        logger.error(
+            "circuitwatch: THE SPEC ALONE EXCEEDS THE LATENCY BUDGET: its taps' arithmetic is "
+            "estimated at %.3g of the model's, above CIRCUITWATCH_BUDGET=%.3g, before any "
+            "host work; sampling cannot lower it (every token runs through the taps). "
+            "Watch fewer components or sites, or raise the budget.",
+            cost.share,
+            config.budget,
+        )
+    return Budget(config.budget, cost.share, adaptive)
 
 
 class TraceParents:

@@ -23,8 +23,8 @@ to the ``vllm`` package, line numbers those of 0.32.0.
     engine_view          also ``VllmConfig.instance_id`` (425, set per engine at config
                          creation, 1417) and ``parallel_config.data_parallel_rank``: the
                          engine's identity (``engine_id``)
-    read_step            ``v1/core/sched/output.py`` ``SchedulerOutput`` (scheduled_new_reqs
-                         236, scheduled_cached_reqs, num_scheduled_tokens 244,
+    read_step,           ``v1/core/sched/output.py`` ``SchedulerOutput`` (scheduled_new_reqs
+    plain_decode         236, scheduled_cached_reqs, num_scheduled_tokens 244,
                          total_num_scheduled_tokens 247, finished_req_ids 260;
                          ``NewRequestData.num_computed_tokens`` 48 and
                          ``CachedRequestData.num_computed_tokens`` 151); the model runners'
@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -89,7 +90,7 @@ def log_through_vllm(name: str) -> None:
 class AttachedProbe(Protocol):
     """What the wrapped worker calls on the probe it holds."""
 
-    def after_step(self, runner: Any, scheduler_output: Any) -> None: ...
+    def after_step(self, runner: Any, scheduler_output: Any, started: float) -> None: ...
 
     def close(self) -> None: ...
 
@@ -100,7 +101,8 @@ def wrap_worker(install: Callable[[Any], AttachedProbe | None]) -> None:
     load_model     after the model is built and loaded, and before its first forward (the
                    profile run, where torch.compile traces it), ``install(worker)``, so the
                    taps are traced into the compiled graph; the probe it returns is attached;
-    execute_model  after each step's forward is launched, ``probe.after_step``;
+    execute_model  after each step's forward is launched, ``probe.after_step``, given when
+                   ``execute_model`` was entered (``time.perf_counter``, for the budget);
     shutdown       first ``probe.close()``.
     """
     from vllm.v1.worker.gpu_worker import Worker
@@ -121,10 +123,11 @@ def wrap_worker(install: Callable[[Any], AttachedProbe | None]) -> None:
 
     @functools.wraps(execute_model)
     def execute_model_then_drain(self, scheduler_output, *args, **kwargs):
+        started = time.perf_counter()
         output = execute_model(self, scheduler_output, *args, **kwargs)
         probe = attached_probe(self)
         if probe is not None:
-            probe.after_step(self.model_runner, scheduler_output)
+            probe.after_step(self.model_runner, scheduler_output, started)
         return output
 
     @functools.wraps(shutdown)
@@ -289,6 +292,17 @@ def read_step(runner: Any, scheduler_output: Any) -> EngineStep:
         prefix_cached=[
             (new.req_id, new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs
         ],
+    )
+
+
+def plain_decode(scheduler_output: Any) -> bool:
+    """Whether the step only feeds back one generated token per running request: no request
+    starts or finishes in it, and it schedules as many tokens as requests. O(1)."""
+    return (
+        not scheduler_output.scheduled_new_reqs
+        and not scheduler_output.finished_req_ids
+        and scheduler_output.total_num_scheduled_tokens
+        == len(scheduler_output.num_scheduled_tokens)
     )
 
 

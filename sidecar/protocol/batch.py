@@ -11,6 +11,7 @@ tensor-parallel ranks are joined step by step.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,6 +30,22 @@ MAX_MESSAGE_BYTES = 64 * 2**20
 def row_bytes(num_components: int) -> int:
     """Wire bytes per token: request index, position, phase and the float32 values."""
     return 4 + 4 + 1 + 4 * num_components
+
+
+@dataclass(frozen=True)
+class ProbeOverhead:
+    """What the probe cost the engine over the steps since its previous batch, and the
+    budget and sampling level it ran under (``sidecar.probe.host.budget``)."""
+
+    probe_seconds: float
+    step_seconds: float
+    budget: float
+    sample_level: float
+    graph_cost: float
+
+    @property
+    def ratio(self) -> float:
+        return self.probe_seconds / self.step_seconds
 
 
 class MalformedBatch(ValueError):
@@ -72,6 +89,8 @@ class TokenBatch:
     def is_status(self) -> bool:
         """A status message: no steps, so no rows; only the probe state and drop counts."""
         return not self.steps
+
+    overhead: ProbeOverhead | None = None  # None: the sender did not report it
 
     @property
     def num_tokens(self) -> int:
@@ -157,6 +176,7 @@ def to_message(batch: TokenBatch) -> ingest_pb2.SampleBatch:
         prefix_cached_tokens=batch.prefix_cached_tokens,
         probe_off=batch.probe_off,
         probe_errors_total=batch.probe_errors_total,
+        **(vars(batch.overhead) if batch.overhead is not None else {}),
     )
 
 
@@ -227,7 +247,24 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
         prefix_cached_tokens=dict(msg.prefix_cached_tokens),
         probe_off=msg.probe_off,
         probe_errors_total=dict(msg.probe_errors_total),
+        overhead=_overhead(msg),
     )
+
+
+def _overhead(msg: ingest_pb2.SampleBatch) -> ProbeOverhead | None:
+    """The message's overhead report, checked; None when it has none (step_seconds 0)."""
+    if msg.step_seconds == 0:
+        return None
+    overhead = ProbeOverhead(
+        msg.probe_seconds, msg.step_seconds, msg.budget, msg.sample_level, msg.graph_cost
+    )
+    for name, value in vars(overhead).items():
+        if not (math.isfinite(value) and value >= 0):
+            raise MalformedBatch(f"{name}: {value} is not a finite non-negative number")
+    for name in ("budget", "sample_level"):
+        if getattr(overhead, name) > 1:
+            raise MalformedBatch(f"{name}: {getattr(overhead, name)} is not a share in [0, 1]")
+    return overhead
 
 
 def _step_shares(

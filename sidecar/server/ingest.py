@@ -184,6 +184,8 @@ class IngestService:
         metrics.probe_status(
             model_name, batch.engine_id, batch.rank, not batch.probe_off, batch.probe_errors_total
         )
+        if batch.overhead is not None:
+            metrics.probe_overhead(model_name, batch.rank, batch.overhead)
         if not batch.is_status:
             pipeline.ingest(batch, now)
 

@@ -38,6 +38,15 @@ cumulative state in every message (a probe that is off sends status messages), t
 increments per (model, rank, reason) across streams, so a reconnect counts nothing twice;
 a total lower than before (an engine restarted) counts afresh.
 
+``circuitwatch_probe_overhead_ratio`` observes, per batch from a probe, the share of the
+engine's step time the probe spent on the engine thread over the steps of that batch (about
+one observation per probe message, i.e. per ``CIRCUITWATCH_LINGER_MS``), by model and
+tensor-parallel rank; ``circuitwatch_probe_budget_ratio`` is the share it may spend
+(``CIRCUITWATCH_BUDGET``), ``circuitwatch_probe_sample_level`` the share of each request's
+tokens its budget lets through now, and ``circuitwatch_probe_graph_cost_ratio`` its in-graph
+cost estimated at start (probe FLOPs over model FLOPs per token). See
+``sidecar.probe.host.budget``.
+
 ``circuitwatch_token_to_metric_seconds`` measures, per request, from the arrival of the
 request's first tokens to its record being observed: the longest any of its tokens waited
 before showing in a metric (scores reach metrics once per request, when it finishes).
@@ -52,6 +61,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sidecar.protocol.batch import ProbeOverhead
 from sidecar.server.anomaly import MULTIVARIATE, AnomalyConfig
 from sidecar.server.records import FINISHED_BY_ENGINE, FINISHED_BY_IDLE, VERDICTS, RequestRecord
 from sidecar.spec.schema import PHASE_NAMES, AggregationKind, Circuit
@@ -59,6 +69,7 @@ from sidecar.spec.schema import PHASE_NAMES, AggregationKind, Circuit
 _MAGNITUDES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 DEFAULT_SCORE_BUCKETS = tuple(sorted({-m for m in _MAGNITUDES} | {0.0} | set(_MAGNITUDES)))
 ANOMALY_BUCKETS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 20.0, 50.0, 100.0)
+OVERHEAD_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 AGGREGATIONS = ("mean", "max")  # observed for every circuit, besides its configured kind
 OTHER = "other"
@@ -235,6 +246,32 @@ class SidecarMetrics:
             ["model_name", "rank", "reason"],
             registry=registry,
         )
+        self.histogram_probe_overhead_ratio = Histogram(
+            "circuitwatch_probe_overhead_ratio",
+            "Share of the engine's step time the probe spent on the engine thread, per batch.",
+            ["model_name", "rank"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self.gauge_probe_budget_ratio = Gauge(
+            "circuitwatch_probe_budget_ratio",
+            "Share of the engine's step time the probe may spend (CIRCUITWATCH_BUDGET).",
+            ["model_name", "rank"],
+            registry=registry,
+        )
+        self.gauge_probe_sample_level = Gauge(
+            "circuitwatch_probe_sample_level",
+            "Share of each request's tokens the probe's latency budget lets through now.",
+            ["model_name", "rank"],
+            registry=registry,
+        )
+        self.gauge_probe_graph_cost_ratio = Gauge(
+            "circuitwatch_probe_graph_cost_ratio",
+            "The probe's in-graph cost estimated from its spec: its FLOPs per token over the "
+            "model's.",
+            ["model_name", "rank"],
+            registry=registry,
+        )
         self.gauge_live_requests = Gauge(
             "circuitwatch_live_requests",
             "Requests with aggregation state in the sidecar.",
@@ -287,6 +324,14 @@ class SidecarMetrics:
             if delta:
                 label = self.probe_error_label(reason)
                 self.counter_probe_errors.labels(model_name, rank_label, label).inc(delta)
+
+    def probe_overhead(self, model_name: str, rank: int, overhead: ProbeOverhead) -> None:
+        """One batch's overhead report (``model_name`` already bounded)."""
+        labels = (model_name, self.rank_label(str(rank)))
+        self.histogram_probe_overhead_ratio.labels(*labels).observe(overhead.ratio)
+        self.gauge_probe_budget_ratio.labels(*labels).set(overhead.budget)
+        self.gauge_probe_sample_level.labels(*labels).set(overhead.sample_level)
+        self.gauge_probe_graph_cost_ratio.labels(*labels).set(overhead.graph_cost)
 
     def ingest_error(self, reason: str) -> None:
         self.counter_ingest_errors.labels(reason).inc()

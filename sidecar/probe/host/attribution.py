@@ -26,10 +26,22 @@ tensor-parallel rank because it reads only the step's metadata:
             first, then prompt tokens evenly spread over the step
 Default ``"512"``: every token of a step up to 512, which covers every decode step of a
 batch of up to 512 requests, and thins out only long prefill chunks.
+
+The latency budget's level (``sidecar.probe.host.budget``) thins steps before the policy
+above, and before the rows are copied. Plain decode steps are kept or left whole (see
+there); in the others ``SpreadSample`` keeps a systematic sample of each request's tokens,
+evenly spread over its positions from an offset drawn from its id. Each token is kept with
+probability exactly the level (over the offset), so a request's sampled tokens estimate its
+per-phase aggregates without bias, and a request of L tokens at level p gets floor(L·p) or
+ceil(L·p) of them, never left to chance. Prompt tokens are kept at least at 1/(prompt
+length), so every request has a sampled prompt token however low the level: no request is
+starved. The decision reads only the request id, the position and the level: a token's fate
+does not depend on which step or batch it came in.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -109,12 +121,19 @@ class TokenRows:
         return TokenRows(self.request_index[rows], self.positions[rows], self.phases[rows])
 
 
-def attribute(layout: StepLayout, positions: np.ndarray) -> TokenRows:
-    """Rows for the first ``layout.num_tokens`` entries of ``positions``; the rest is padding."""
-    n = layout.num_tokens
+def attribute(
+    layout: StepLayout, positions: np.ndarray, kept: np.ndarray | None = None
+) -> TokenRows:
+    """Rows for the first ``layout.num_tokens`` entries of ``positions``; the rest is padding.
+
+    With ``kept`` (indices of the layout's rows), rows for those only, ``positions`` theirs.
+    """
+    n = layout.num_tokens if kept is None else kept.shape[0]
     if positions.shape[0] < n:
         raise ValueError(f"{positions.shape[0]} positions for a step of {n} tokens")
     request_index = np.repeat(np.arange(len(layout.req_ids), dtype=np.uint32), layout.num_scheduled)
+    if kept is not None:
+        request_index = request_index[kept]
     positions = positions[:n].astype(np.int32)
     prompt = positions < np.asarray(layout.prompt_lens)[request_index]
     phases = np.where(prompt, PROMPT, GENERATED).astype(np.uint8)
@@ -175,11 +194,12 @@ class SamplePolicy:
             ]
         )
 
-    def count(self, layout: StepLayout) -> int:
+    def count(self, layout: StepLayout, kept: np.ndarray | None = None) -> int:
         """How many of one step's tokens ``select`` keeps, from its layout alone: what a drop
         of the step before its rows are read loses (the probe's books are in sampled tokens).
-        A fraction needs the positions, which start at each request's computed tokens."""
-        n = layout.num_tokens
+        ``kept``: the layout's rows the latency budget let through (None: all). A fraction
+        needs the positions, which start at each request's computed tokens."""
+        n = layout.num_tokens if kept is None else kept.shape[0]
         if self.cap is not None:
             return min(n, self.cap)
         if self.fraction >= 1.0 or n == 0:
@@ -188,8 +208,13 @@ class SamplePolicy:
             raise ValueError("counting a fraction's tokens needs the layout's num_computed")
         scheduled = layout.num_scheduled
         offsets = np.cumsum(scheduled) - scheduled  # each request's first row in the step
-        positions = np.repeat(layout.num_computed - offsets, scheduled) + np.arange(n)
-        return int(self.select(attribute(layout, positions), layout.req_ids, [n]).shape[0])
+        positions = np.repeat(layout.num_computed - offsets, scheduled) + np.arange(
+            layout.num_tokens
+        )
+        if kept is not None:
+            positions = positions[kept]
+        rows = attribute(layout, positions, kept)
+        return int(self.select(rows, layout.req_ids, [n]).shape[0])
 
     def _capped(self, phases: np.ndarray) -> np.ndarray:
         """At most ``cap`` of one step's rows: generated tokens first, then prompt tokens spread."""
@@ -216,3 +241,69 @@ def _mix(x: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class SpreadSample:
+    """Which of a step's rows the budget's level keeps: see the module docstring.
+
+    Remembers each live request's offset (drawn from its engine id) until it finishes.
+    """
+
+    def __init__(self, max_live: int = 65_536):
+        self._max_live = max_live  # a request whose finish was never seen must not leak
+        self._offsets: dict[str, float] = {}
+
+    def select(self, layout: StepLayout, positions: np.ndarray, level: float) -> np.ndarray:
+        """Indices of the step's rows to keep, ascending; ``positions`` those the model saw.
+
+        Position x of a request, sampled at rate r from its offset u, is kept when an integer
+        k falls in (x·r + u, (x+1)·r + u]. A request's tokens in one step are consecutive
+        positions, so a chunk [a, b) keeps one token per integer k in (a·r + u, b·r + u],
+        x = ceil((k - u) / r) - 1: the chunks' bounds are computed for all requests at once
+        and only the kept tokens are walked, so a low level costs the engine thread little
+        whatever the batch size.
+        """
+        if len(self._offsets) > self._max_live:
+            self._offsets.clear()
+        get = self._offsets.get
+        start = np.array(
+            [u if (u := get(r)) is not None else self._offset(r) for r in layout.req_ids]
+        )
+        n = layout.num_scheduled
+        row = np.cumsum(n) - n
+        first = positions[row].astype(np.int64)
+        end = first + n
+        prompt_len = np.asarray(layout.prompt_lens)
+        boundary = np.clip(prompt_len, first, end)  # prompt tokens before it, generated after
+        prompt_rate = np.maximum(level, 1.0 / np.maximum(prompt_len, 1))
+        # Per request, its prompt part [first, boundary), then its generated part.
+        chunks = (
+            (first, boundary, prompt_rate),
+            (boundary, end, np.full(first.shape, level)),
+        )
+        bounds = [(np.floor(a * r + start), np.floor(b * r + start)) for a, b, r in chunks]
+        if not any((hi > lo).any() for lo, hi in bounds):
+            return np.zeros(0, dtype=np.int64)
+        kept: list[int] = []
+        for i in np.flatnonzero(np.logical_or.reduce([hi > lo for lo, hi in bounds])).tolist():
+            u, offset = float(start[i]), int(row[i] - first[i])
+            for (a, b, rate), (lo, hi) in zip(chunks, bounds, strict=True):
+                a_i, b_i, r_i = int(a[i]), int(b[i]), float(rate[i])
+                for k in range(int(lo[i]) + 1, int(hi[i]) + 1):
+                    x = min(max(math.ceil((k - u) / r_i) - 1, a_i), b_i - 1)  # float-safe
+                    kept.append(offset + x)
+        return np.array(sorted(kept), dtype=np.int64)
+
+    def forget(self, finished: list[str]) -> None:
+        for request_id in finished:
+            self._offsets.pop(request_id, None)
+
+    def _offset(self, request_id: str) -> float:
+        offset = self._offsets[request_id] = request_offset(request_id)
+        return offset
+
+
+def request_offset(request_id: str) -> float:
+    """A request's sampling offset in [0, 1): a hash of its id, the same on every rank."""
+    key = np.array([zlib.crc32(request_id.encode())], dtype=np.uint64) << np.uint64(32)
+    return float(_mix(key)[0])

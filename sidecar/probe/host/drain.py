@@ -12,6 +12,15 @@ On a GPU the ring is pinned host memory, the copies are ``non_blocking`` on the 
 stream and a CUDA event fences them; ``resolve`` waits on that event. When the ring has no
 room (the shipper is far behind) the step is dropped and counted (``drain_backlog``)
 rather than waiting. On a CPU the copies are plain copies.
+
+Below a sampling level of 1 (the latency budget's, ``sidecar.probe.host.budget``) ``collect``
+first chooses the rows to keep (``SpreadSample``) and copies only those; a step left with
+no row and no finished request is not copied or queued at all. Choosing reads the step's
+positions on the host, which on a CPU are in host memory already. On a GPU it would need
+a sync, so there the level stays at 1; what would keep it there without one is a fixed
+number of slots chosen on the device (``torch.nonzero_static`` of the same test on the
+position buffer, written into a [slots, k] buffer), which keeps shapes static under CUDA
+graphs.
 """
 
 from __future__ import annotations
@@ -24,11 +33,11 @@ import numpy as np
 import torch
 
 from sidecar.probe.graph.taps import TapSet
-from sidecar.probe.host.attribution import RequestIds, SamplePolicy, attribute
+from sidecar.probe.host.attribution import RequestIds, SamplePolicy, SpreadSample, attribute
 from sidecar.probe.host.ring import HostRing, Span
 from sidecar.probe.host.shipper import DropCounts
 from sidecar.probe.vllm_internals import StepLayout
-from sidecar.protocol.batch import TokenBatch
+from sidecar.protocol.batch import ProbeOverhead, TokenBatch
 
 DRAIN_BACKLOG = "drain_backlog"
 T = TypeVar("T")
@@ -55,8 +64,10 @@ class Drain:
         drops: DropCounts,
         ring_rows: int,
         trace_parent: Callable[[str], str | None] = lambda request_id: None,
+        overhead: Callable[[], ProbeOverhead | None] = lambda: None,
     ):
-        """``trace_parent``: a request's W3C traceparent by engine id, given once."""
+        """``trace_parent``: a request's W3C traceparent by engine id, given once;
+        ``overhead``: what the probe cost since the last batch, taken once per batch."""
         self.taps = taps
         self.identity = identity
         self.sample = sample
@@ -65,6 +76,8 @@ class Drain:
         self.ring = HostRing(taps.values.shape[1], ring_rows, pin=self._cuda)
         self.request_ids = RequestIds(identity.randomized_ids)
         self.trace_parent = trace_parent
+        self.overhead = overhead
+        self.spread = SpreadSample()
         # Shipper thread only: what goes with the first batch that names a request.
         self._unsent_traces = FirstMention[str]()
         self._unsent_prefix_cached = FirstMention[int]()
@@ -75,20 +88,35 @@ class Drain:
         layout: StepLayout,
         finished: list[str],
         prefix_cached: Mapping[str, int] | None = None,
+        level: float = 1.0,
     ) -> PendingStep | None:
-        """Start copying this step's rows out; None (and counted) if the ring is full.
-        ``prefix_cached``: prompt tokens new requests found in the prefix cache, by engine id."""
+        """Start copying this step's rows out, those ``level`` keeps; None when there is
+        nothing to send, or (counted) when the ring is full. ``prefix_cached``: prompt tokens
+        new requests found in the prefix cache, by engine id."""
         # Named here, every step, before any drop: every rank names requests alike.
         ids = self.request_ids.step(layout.req_ids, finished)
         n = layout.num_tokens
-        sampled = self.sample.count(layout)
+        positions = self.taps.positions.positions
+        kept = None
+        if level < 1.0 and n:
+            kept = self.spread.select(layout, positions.numpy(), level)
+            n = kept.shape[0]
+        self.spread.forget(finished)
+        if kept is not None and n == 0 and not finished:
+            return None  # the level kept nothing: no copy, no message
+        sampled = self.sample.count(layout, kept)
         span = self.ring.take(n)
         if span is None:
             self.drops.add(DRAIN_BACKLOG, sampled)
             return None
         rows = slice(span.start, span.stop)
-        self.ring.values[rows].copy_(self.taps.values[:n], non_blocking=self._cuda)
-        self.ring.positions[rows].copy_(self.taps.positions.positions[:n], non_blocking=self._cuda)
+        if kept is None:
+            self.ring.values[rows].copy_(self.taps.values[:n], non_blocking=self._cuda)
+            self.ring.positions[rows].copy_(positions[:n], non_blocking=self._cuda)
+        else:
+            index = torch.from_numpy(kept)
+            torch.index_select(self.taps.values, 0, index, out=self.ring.values[rows])
+            torch.index_select(positions, 0, index, out=self.ring.positions[rows])
         event = None
         if self._cuda:
             event = torch.cuda.Event()
@@ -104,7 +132,17 @@ class Drain:
             if prefix_cached and internal in prefix_cached
         }
         return PendingStep(
-            self.ring, span, event, step, layout, ids.req_ids, ids.finished, traces, cached, sampled
+            self.ring,
+            span,
+            event,
+            step,
+            layout,
+            ids.req_ids,
+            ids.finished,
+            traces,
+            cached,
+            sampled,
+            kept,
         )
 
     def resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
@@ -121,7 +159,9 @@ class Drain:
                 np.concatenate([p.layout.num_scheduled for p in steps]),
                 np.concatenate([p.layout.prompt_lens for p in steps]),
             )
-            rows = attribute(slots, np.concatenate(positions))
+            starts = np.cumsum([0, *(p.layout.num_tokens for p in steps[:-1])])
+            kept = np.concatenate([s + p.kept_rows() for s, p in zip(starts, steps, strict=True)])
+            rows = attribute(slots, np.concatenate(positions), kept)
             sizes = [p.rows for p in steps]
             keep = self.sample.select(rows, slots.req_ids, sizes)
             values = np.concatenate(values)[keep][:, self.taps.shipped]
@@ -172,6 +212,7 @@ class Drain:
             traceparents=traces,
             engine_id=identity.engine_id,
             prefix_cached_tokens=prefix_cached,
+            overhead=self.overhead(),
         )
 
     def empty(self) -> TokenBatch:
@@ -227,11 +268,13 @@ class PendingStep:
         traces: dict[str, str],
         prefix_cached: dict[str, int],
         sampled: int,
+        kept: np.ndarray | None = None,
     ):
         """``names``: the exported ids of ``layout.req_ids``; ``finished``: exported ids;
         ``traces``: traceparents of requests by exported id; ``prefix_cached``: prompt
         tokens found in the prefix cache, by exported id; ``sampled``: the tokens of the
-        step the sample policy keeps."""
+        step the sample policy keeps; ``kept``: which of the layout's rows the span holds
+        (None: all)."""
         self._ring = ring
         self._span: Span | None = span
         self._event = event
@@ -243,6 +286,11 @@ class PendingStep:
         self.prefix_cached = prefix_cached
         self.rows = len(span)
         self.tokens = sampled  # what a drop of this step loses, in sampled tokens
+        self._kept = kept
+
+    def kept_rows(self) -> np.ndarray:
+        """Indices of the layout's rows the span holds, ascending."""
+        return np.arange(self.layout.num_tokens) if self._kept is None else self._kept
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(the taps' rows, positions) as host arrays, once the device copy has landed."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ircuitwatch/v1/ingest.proto\x12\x0f\x63ircuitwatch.v1\"\xa4\x08\n\x0bSampleBatch\x12\x11\n\tspec_hash\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x03(\x04\x12\x15\n\rcomponent_ids\x18\x06 \x03(\r\x12\x13\n\x0brequest_ids\x18\x07 \x03(\t\x12\x15\n\rrequest_index\x18\x08 \x01(\x0c\x12\x11\n\tpositions\x18\t \x01(\x0c\x12\x0e\n\x06phases\x18\n \x01(\x0c\x12\x0e\n\x06values\x18\x0b \x01(\x0c\x12\x1c\n\x14\x66inished_request_ids\x18\x0c \x03(\t\x12\x45\n\rdropped_total\x18\r \x03(\x0b\x32..circuitwatch.v1.SampleBatch.DroppedTotalEntry\x12\x13\n\x0bstep_tokens\x18\x0e \x03(\r\x12\x15\n\rstep_finished\x18\x0f \x03(\r\x12\x44\n\x0ctraceparents\x18\x10 \x03(\x0b\x32..circuitwatch.v1.SampleBatch.TraceparentsEntry\x12\x11\n\tengine_id\x18\x11 \x01(\t\x12\x1c\n\x14shipped_tokens_total\x18\x12 \x01(\x04\x12!\n\x19\x62\x61se_shipped_tokens_total\x18\x13 \x01(\x04\x12N\n\x12\x62\x61se_dropped_total\x18\x14 \x03(\x0b\x32\x32.circuitwatch.v1.SampleBatch.BaseDroppedTotalEntry\x12R\n\x14prefix_cached_tokens\x18\x15 \x03(\x0b\x32\x34.circuitwatch.v1.SampleBatch.PrefixCachedTokensEntry\x12\x11\n\tprobe_off\x18\x17 \x01(\x08\x12N\n\x12probe_errors_total\x18\x18 \x03(\x0b\x32\x32.circuitwatch.v1.SampleBatch.ProbeErrorsTotalEntry\x1a\x33\n\x11\x44roppedTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x33\n\x11TraceparentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x37\n\x15\x42\x61seDroppedTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x39\n\x17PrefixCachedTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x37\n\x15ProbeErrorsTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"C\n\rStreamSummary\x12\x18\n\x10\x62\x61tches_accepted\x18\x01 \x01(\x04\x12\x18\n\x10\x62\x61tches_rejected\x18\x02 \x01(\x04\x32R\n\x06Ingest\x12H\n\x06Stream\x12\x1c.circuitwatch.v1.SampleBatch\x1a\x1e.circuitwatch.v1.StreamSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ircuitwatch/v1/ingest.proto\x12\x0f\x63ircuitwatch.v1\"\x8b\t\n\x0bSampleBatch\x12\x11\n\tspec_hash\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x03(\x04\x12\x15\n\rcomponent_ids\x18\x06 \x03(\r\x12\x13\n\x0brequest_ids\x18\x07 \x03(\t\x12\x15\n\rrequest_index\x18\x08 \x01(\x0c\x12\x11\n\tpositions\x18\t \x01(\x0c\x12\x0e\n\x06phases\x18\n \x01(\x0c\x12\x0e\n\x06values\x18\x0b \x01(\x0c\x12\x1c\n\x14\x66inished_request_ids\x18\x0c \x03(\t\x12\x45\n\rdropped_total\x18\r \x03(\x0b\x32..circuitwatch.v1.SampleBatch.DroppedTotalEntry\x12\x13\n\x0bstep_tokens\x18\x0e \x03(\r\x12\x15\n\rstep_finished\x18\x0f \x03(\r\x12\x44\n\x0ctraceparents\x18\x10 \x03(\x0b\x32..circuitwatch.v1.SampleBatch.TraceparentsEntry\x12\x11\n\tengine_id\x18\x11 \x01(\t\x12\x1c\n\x14shipped_tokens_total\x18\x12 \x01(\x04\x12!\n\x19\x62\x61se_shipped_tokens_total\x18\x13 \x01(\x04\x12N\n\x12\x62\x61se_dropped_total\x18\x14 \x03(\x0b\x32\x32.circuitwatch.v1.SampleBatch.BaseDroppedTotalEntry\x12R\n\x14prefix_cached_tokens\x18\x15 \x03(\x0b\x32\x34.circuitwatch.v1.SampleBatch.PrefixCachedTokensEntry\x12\x11\n\tprobe_off\x18\x17 \x01(\x08\x12N\n\x12probe_errors_total\x18\x18 \x03(\x0b\x32\x32.circuitwatch.v1.SampleBatch.ProbeErrorsTotalEntry\x12\x15\n\rprobe_seconds\x18\x19 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x1a \x01(\x01\x12\x0e\n\x06\x62udget\x18\x1b \x01(\x01\x12\x14\n\x0csample_level\x18\x1c \x01(\x01\x12\x12\n\ngraph_cost\x18\x1d \x01(\x01\x1a\x33\n\x11\x44roppedTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x33\n\x11TraceparentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x37\n\x15\x42\x61seDroppedTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x39\n\x17PrefixCachedTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x37\n\x15ProbeErrorsTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"C\n\rStreamSummary\x12\x18\n\x10\x62\x61tches_accepted\x18\x01 \x01(\x04\x12\x18\n\x10\x62\x61tches_rejected\x18\x02 \x01(\x04\x32R\n\x06Ingest\x12H\n\x06Stream\x12\x1c.circuitwatch.v1.SampleBatch\x1a\x1e.circuitwatch.v1.StreamSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLEBATCH_PROBEERRORSTOTALENTRY']._loaded_options = None
   _globals['_SAMPLEBATCH_PROBEERRORSTOTALENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLEBATCH']._serialized_start=50
-  _globals['_SAMPLEBATCH']._serialized_end=1110
-  _globals['_SAMPLEBATCH_DROPPEDTOTALENTRY']._serialized_start=833
-  _globals['_SAMPLEBATCH_DROPPEDTOTALENTRY']._serialized_end=884
-  _globals['_SAMPLEBATCH_TRACEPARENTSENTRY']._serialized_start=886
-  _globals['_SAMPLEBATCH_TRACEPARENTSENTRY']._serialized_end=937
-  _globals['_SAMPLEBATCH_BASEDROPPEDTOTALENTRY']._serialized_start=939
-  _globals['_SAMPLEBATCH_BASEDROPPEDTOTALENTRY']._serialized_end=994
-  _globals['_SAMPLEBATCH_PREFIXCACHEDTOKENSENTRY']._serialized_start=996
-  _globals['_SAMPLEBATCH_PREFIXCACHEDTOKENSENTRY']._serialized_end=1053
-  _globals['_SAMPLEBATCH_PROBEERRORSTOTALENTRY']._serialized_start=1055
-  _globals['_SAMPLEBATCH_PROBEERRORSTOTALENTRY']._serialized_end=1110
-  _globals['_STREAMSUMMARY']._serialized_start=1112
-  _globals['_STREAMSUMMARY']._serialized_end=1179
-  _globals['_INGEST']._serialized_start=1181
-  _globals['_INGEST']._serialized_end=1263
+  _globals['_SAMPLEBATCH']._serialized_end=1213
+  _globals['_SAMPLEBATCH_DROPPEDTOTALENTRY']._serialized_start=936
+  _globals['_SAMPLEBATCH_DROPPEDTOTALENTRY']._serialized_end=987
+  _globals['_SAMPLEBATCH_TRACEPARENTSENTRY']._serialized_start=989
+  _globals['_SAMPLEBATCH_TRACEPARENTSENTRY']._serialized_end=1040
+  _globals['_SAMPLEBATCH_BASEDROPPEDTOTALENTRY']._serialized_start=1042
+  _globals['_SAMPLEBATCH_BASEDROPPEDTOTALENTRY']._serialized_end=1097
+  _globals['_SAMPLEBATCH_PREFIXCACHEDTOKENSENTRY']._serialized_start=1099
+  _globals['_SAMPLEBATCH_PREFIXCACHEDTOKENSENTRY']._serialized_end=1156
+  _globals['_SAMPLEBATCH_PROBEERRORSTOTALENTRY']._serialized_start=1158
+  _globals['_SAMPLEBATCH_PROBEERRORSTOTALENTRY']._serialized_end=1213
+  _globals['_STREAMSUMMARY']._serialized_start=1215
+  _globals['_STREAMSUMMARY']._serialized_end=1282
+  _globals['_INGEST']._serialized_start=1284
+  _globals['_INGEST']._serialized_end=1366
 # @@protoc_insertion_point(module_scope)
