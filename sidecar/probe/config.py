@@ -8,6 +8,10 @@
     CIRCUITWATCH_LINGER_MS   how long the shipper gathers steps into one message (default 50):
                              longer costs the engine less and delays the metrics more
 
+    CIRCUITWATCH_TLS_CA, CIRCUITWATCH_TLS_CERT, CIRCUITWATCH_TLS_KEY, CIRCUITWATCH_TOKEN_FILE
+                             TLS, a client certificate and a bearer token for the sidecar's
+                             TCP ingest (files; see ``sidecar.probe.host.channel``)
+
 vLLM starts its engine processes with the environment of the process that launched it, so
 these must be set before the engine starts.
 """
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.probe.host.attribution import DEFAULT_SAMPLE, SamplePolicy
+from sidecar.probe.host.channel import ChannelSecurity
+from sidecar.protocol.batch import MAX_BATCH_STEPS
 
 ENV_SPEC = "CIRCUITWATCH_SPEC"
 ENV_ENDPOINT = "CIRCUITWATCH_ENDPOINT"
@@ -38,12 +44,14 @@ class ProbeConfig:
     sample: SamplePolicy = SamplePolicy.parse(DEFAULT_SAMPLE)
     queue_size: int = DEFAULT_QUEUE_SIZE
     linger_ms: float = DEFAULT_LINGER_MS
+    security: ChannelSecurity = ChannelSecurity()
 
     def __post_init__(self):
         if not self.endpoint.strip():
             raise ValueError("endpoint is empty: expected unix:///path/to.sock or host:port")
         _check_queue_size(self.queue_size)
         _check_linger_ms(self.linger_ms)
+        self.security.check(self.endpoint)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProbeConfig | None:
@@ -64,12 +72,14 @@ class ProbeConfig:
             raise ValueError(f"{ENV_SAMPLE}: {e}") from None
         queue_size = _parse(env, ENV_QUEUE_SIZE, DEFAULT_QUEUE_SIZE, int, _check_queue_size)
         linger_ms = _parse(env, ENV_LINGER_MS, DEFAULT_LINGER_MS, float, _check_linger_ms)
-        return cls(Path(spec), endpoint, sample, queue_size, linger_ms)
+        security = ChannelSecurity.from_env(env, endpoint)
+        return cls(Path(spec), endpoint, sample, queue_size, linger_ms, security)
 
 
 def _check_queue_size(steps: int) -> None:
-    if steps < 1:
-        raise ValueError(f"queue size {steps} is not >= 1")
+    # A message gathers at most the queue's steps; the sidecar refuses more in one message.
+    if not 1 <= steps <= MAX_BATCH_STEPS:
+        raise ValueError(f"queue size {steps} is not in [1, {MAX_BATCH_STEPS}]")
 
 
 def _check_linger_ms(ms: float) -> None:

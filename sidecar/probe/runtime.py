@@ -113,6 +113,7 @@ class WorkerProbe:
             cpus=spare_cpus(),
             linger_s=config.linger_ms / 1000,
             max_tokens=max(1, MESSAGE_BYTES // row_bytes(len(taps.component_ids))),
+            security=config.security,
         )
         logger.info(
             "circuitwatch: rank %d/%d taps %d sites, ships %d of %d components to %s",

@@ -6,11 +6,23 @@ batch while its stream carries on. Each message is decoded with ``from_message``
 against the server's spec hash, and handed to the ``Pipeline``; rejections are counted in
 ``circuitwatch_ingest_errors_total{reason}`` and logged at most once per interval per
 reason. The probe's cumulative ``dropped_total`` is turned into increments per stream
-(rank 0's only under tensor parallelism, see ``join.py``).
+(rank 0's only under tensor parallelism, see ``join.py``). Each stream is a *source* for the
+pipeline's per-source caps (tracked requests, waiting tensor-parallel steps).
+
+Status codes a client sees (the stream's end; a rejected message does not end its stream):
+
+    OK                  the stream ended; StreamSummary counts accepted and rejected messages
+    UNAUTHENTICATED     TCP ingest without a valid bearer token (see ``auth.py``); without a
+                        client certificate the TLS handshake itself fails (UNAVAILABLE)
+    RESOURCE_EXHAUSTED  a message above MAX_MESSAGE_BYTES (the stream ends), or more
+                        concurrent RPCs than the server's ``max_streams``
+    UNIMPLEMENTED       any other method
+    UNAVAILABLE         the sidecar is not there, or is shutting down
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -75,6 +87,7 @@ class IngestService:
         self.spec_hash = spec_hash
         self.num_components = num_components
         self.log = RateLimitedLog(logger)
+        self._sources = itertools.count()
 
     def handler(self) -> grpc.GenericRpcHandler:
         stream = grpc.stream_unary_rpc_method_handler(
@@ -86,11 +99,12 @@ class IngestService:
         self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> ingest_pb2.StreamSummary:
         drops = SenderDrops()
+        source = next(self._sources)
         accepted = rejected = 0
         async for raw in messages:
             now = time.monotonic()
             try:
-                self.accept(raw, drops, now)
+                self.accept(raw, drops, now, source)
                 accepted += 1
             except Rejected as error:
                 rejected += 1
@@ -103,8 +117,8 @@ class IngestService:
                 logger.debug("batch processing failed", exc_info=True)
         return ingest_pb2.StreamSummary(batches_accepted=accepted, batches_rejected=rejected)
 
-    def accept(self, raw: bytes, drops: SenderDrops, now: float) -> None:
-        """Decode, validate and process one message; raises Rejected."""
+    def accept(self, raw: bytes, drops: SenderDrops, now: float, source: int = 0) -> None:
+        """Decode, validate and process one message from ``source``; raises Rejected."""
         try:
             message = ingest_pb2.SampleBatch.FromString(raw)
         except DecodeError as error:
@@ -127,4 +141,4 @@ class IngestService:
         if batch.rank == 0:  # the ranks drop the same tokens: count them once (see join.py)
             for reason, count in drops.increments(batch.model_name, batch.dropped_total):
                 metrics.drop(model_name, metrics.reason_label(reason), count)
-        self.pipeline.ingest(batch, now)
+        self.pipeline.ingest(batch, now, source)

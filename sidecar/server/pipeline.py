@@ -47,25 +47,31 @@ class Pipeline:
         keep_token_scores: int = 0,
         join_timeout: float = 5.0,
         anomaly: AnomalyMonitor | None = None,
+        max_requests_per_source: int | None = None,
     ) -> None:
+        """``max_requests_per_source``: live requests one source may open (None: no cap
+        beyond ``max_requests``); see ``RequestTable``."""
         self.scorer = scorer
         self.metrics = metrics
         self.sinks = tuple(sinks)
         self.idle_timeout = idle_timeout
-        self.requests = RequestTable(scorer.circuits, max_requests, keep_token_scores)
+        self.requests = RequestTable(
+            scorer.circuits, max_requests, keep_token_scores, max_requests_per_source
+        )
         self.joiner = RankJoiner(join_timeout)
         self.anomaly = anomaly
 
-    def ingest(self, batch: TokenBatch, now: float) -> None:
-        """Process one rank's batch; raises Rejected for a batch that cannot be used."""
+    def ingest(self, batch: TokenBatch, now: float, source: int = 0) -> None:
+        """Process one rank's batch; raises Rejected for a batch that cannot be used.
+        ``source`` names the sender (the server passes its stream) for the per-source caps."""
         model_name = self.metrics.model_label(batch.model_name)
-        outcome = self.joiner.add(batch, now)
+        outcome = self.joiner.add(batch, now, source)
         for dropped in outcome.dropped:
             self.metrics.drop(
                 self.metrics.model_label(dropped.model_name), dropped.reason, dropped.tokens
             )
         for joined in outcome.joined:
-            self._score(joined, model_name, now)
+            self._score(joined, model_name, now, source)
         if outcome.errors:
             error = outcome.errors[0]
             raise Rejected(error.reason, str(error)) from error
@@ -77,7 +83,7 @@ class Pipeline:
             )
         self._emit(self.requests.expire(now, self.idle_timeout))
 
-    def _score(self, batch: TokenBatch, model_name: str, now: float) -> None:
+    def _score(self, batch: TokenBatch, model_name: str, now: float, source: int) -> None:
         try:
             scores = self.scorer.score(batch.values, batch.component_ids)
         except ComponentLayoutError as error:
@@ -99,6 +105,7 @@ class Pipeline:
                 scores,
                 now,
                 batch.traceparents,
+                owner=source,
             ):
                 self.metrics.drop(dropped.model_name, dropped.reason, dropped.tokens)
                 if dropped.model_name != model_name:  # an eviction frees another model's slot

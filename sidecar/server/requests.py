@@ -13,7 +13,12 @@ aggregate and, where the circuit has a verdict threshold for the phase, its verd
 
 A request finishes when the engine says so (``finish``) or when no data arrived for it
 for the idle timeout (``expire``). At most ``max_requests`` are live; a new request
-beyond that evicts the least recently updated one, whose tokens are reported dropped.
+beyond that evicts the least recently updated one, whose tokens are reported dropped
+(``state_full``). Each request belongs to the *owner* whose batch opened it (the sidecar
+passes its ingest stream), and one owner holds at most ``max_per_owner`` live requests: a
+new one beyond that evicts that owner's least recently updated request
+(``stream_state_full``), so one sender flooding request ids evicts its own state first,
+not other engines'.
 Requests finished recently are remembered (bounded) so that late tokens for them are
 dropped instead of opening a second record.
 """
@@ -43,7 +48,9 @@ _NO_SLOT = -1
 @dataclass(frozen=True)
 class DroppedTokens:
     model_name: str
-    reason: str  # "state_full": evicted or never admitted; "after_finish": late tokens
+    # "state_full": evicted or never admitted; "stream_state_full": evicted for its owner's
+    # cap; "after_finish": late tokens
+    reason: str
     tokens: int
 
 
@@ -59,12 +66,20 @@ class _Kept:
 
 class RequestTable:
     def __init__(
-        self, circuits: Sequence[Circuit], max_requests: int, keep_token_scores: int = 0
+        self,
+        circuits: Sequence[Circuit],
+        max_requests: int,
+        keep_token_scores: int = 0,
+        max_per_owner: int | None = None,
     ) -> None:
+        """``max_per_owner``: live requests one owner may hold (None: ``max_requests``)."""
         if max_requests < 1:
             raise ValueError(f"max_requests must be at least 1, got {max_requests}")
+        if max_per_owner is not None and max_per_owner < 1:
+            raise ValueError(f"max_per_owner must be at least 1, got {max_per_owner}")
         self.circuit_names = tuple(c.name for c in circuits)
         self.max_requests = max_requests
+        self.max_per_owner = max_requests if max_per_owner is None else max_per_owner
         self.keep_token_scores = keep_token_scores
         slots, phases = max_requests, len(PHASE_NAMES)
         # [phase, circuit] verdict threshold, NaN where the circuit has none for the phase
@@ -83,6 +98,8 @@ class RequestTable:
         self._slot_of: dict[str, int] = {}
         self._request_of: list[str] = [""] * slots
         self._model_of: list[str] = [""] * slots
+        self._owner_of = np.full(slots, -1, dtype=np.int64)
+        self._live_by_owner: dict[int, int] = {}
         self._kept: list[_Kept | None] = [None] * slots
         self._trace_of: list[str | None] = [None] * slots
         self._free = list(range(slots - 1, -1, -1))
@@ -105,10 +122,13 @@ class RequestTable:
         scores: np.ndarray,
         now: float,
         traceparents: Mapping[str, str] | None = None,
+        owner: int = 0,
     ) -> list[DroppedTokens]:
         """Fold one batch's scores [n, c] into the requests' aggregates; ``traceparents``
-        (by request id) are kept for the requests' records."""
-        slot_of_request, dropped = self._slots_for(model_name, request_ids, request_index, now)
+        (by request id) are kept for the requests' records; ``owner`` opens new requests."""
+        slot_of_request, dropped = self._slots_for(
+            model_name, request_ids, request_index, now, owner
+        )
         for request_id, traceparent in (traceparents or {}).items():
             slot = self._slot_of.get(request_id)
             if slot is not None:
@@ -166,7 +186,12 @@ class RequestTable:
         return [r for r in (self.finish(self._request_of[s], FINISHED_BY_IDLE) for s in idle) if r]
 
     def _slots_for(
-        self, model_name: str, request_ids: list[str], request_index: np.ndarray, now: float
+        self,
+        model_name: str,
+        request_ids: list[str],
+        request_index: np.ndarray,
+        now: float,
+        owner: int,
     ) -> tuple[np.ndarray, list[DroppedTokens]]:
         get = self._slot_of.get
         slot_list = [get(request_id, _NO_SLOT) for request_id in request_ids]
@@ -180,25 +205,37 @@ class RequestTable:
         for i in np.flatnonzero(slots == _NO_SLOT).tolist():
             (late if request_ids[i] in self._recently_finished else new).append(i)
         dropped: list[DroppedTokens] = []
-        refused: list[int] = []
+        refused: dict[str, list[int]] = {"state_full": [], "stream_state_full": []}
         for i in new:
-            if not self._free:
-                victim = int(np.argmin(self._last_seen))
-                if self._last_seen[victim] >= now:  # every live request is in this batch
-                    refused.append(i)
+            victim, reason = self._victim(owner)
+            if victim != _NO_SLOT:
+                if self._last_seen[victim] >= now:  # every candidate is in this batch
+                    refused[reason].append(i)
                     continue
                 tokens = int(self._count[victim].sum())
-                dropped.append(DroppedTokens(self._model_of[victim], "state_full", tokens))
+                dropped.append(DroppedTokens(self._model_of[victim], reason, tokens))
                 self._release(victim)
-            slots[i] = self._open(request_ids[i], model_name, now)
-        for reason, indices in (("after_finish", late), ("state_full", refused)):
+            slots[i] = self._open(request_ids[i], model_name, now, owner)
+        for reason, indices in (("after_finish", late), *refused.items()):
             if indices:
                 tokens = int(np.isin(request_index, indices).sum())
                 dropped.append(DroppedTokens(model_name, reason, tokens))
         return slots, dropped
 
-    def _open(self, request_id: str, model_name: str, now: float) -> int:
+    def _victim(self, owner: int) -> tuple[int, str]:
+        """The slot a new request of ``owner`` must take over (least recently updated among
+        the owner's when it is at its cap, else among all when none is free), and why."""
+        if self._live_by_owner.get(owner, 0) >= self.max_per_owner:
+            mine = np.where(self._owner_of == owner, self._last_seen, np.inf)
+            return int(np.argmin(mine)), "stream_state_full"
+        if not self._free:
+            return int(np.argmin(self._last_seen)), "state_full"
+        return _NO_SLOT, ""
+
+    def _open(self, request_id: str, model_name: str, now: float, owner: int) -> int:
         slot = self._free.pop()
+        self._owner_of[slot] = owner
+        self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + 1
         self._slot_of[request_id] = slot
         self._request_of[slot] = request_id
         self._model_of[slot] = model_name
@@ -213,6 +250,12 @@ class RequestTable:
         del self._slot_of[self._request_of[slot]]
         model_name = self._model_of[slot]
         self._live_by_model[model_name] -= 1
+        owner = int(self._owner_of[slot])
+        if self._live_by_owner[owner] == 1:  # forget owners with nothing live: streams come and go
+            del self._live_by_owner[owner]
+        else:
+            self._live_by_owner[owner] -= 1
+        self._owner_of[slot] = -1
         self._count[slot] = 0
         self._sum[slot] = 0.0
         self._max[slot] = -np.inf

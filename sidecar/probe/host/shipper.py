@@ -44,6 +44,7 @@ from typing import Protocol
 import grpc
 
 from sidecar.probe.config import DEFAULT_LINGER_MS
+from sidecar.probe.host.channel import ChannelSecurity, open_channel
 from sidecar.probe.host.cpus import bind_current_thread
 from sidecar.protocol.batch import TokenBatch, to_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2_grpc
@@ -137,8 +138,10 @@ class Shipper:
         cpus: frozenset[int] | None = None,
         linger_s: float = DEFAULT_LINGER_MS / 1000,
         max_tokens: int = 8192,
+        security: ChannelSecurity | None = None,
     ):
         self.endpoint = endpoint
+        self._security = security  # TLS and token (channel.py); None: plaintext
         self._resolve = resolve
         self._cpus = cpus  # the thread's CPUs (see cpus.py); None: the creator's
         self.drops = drops or DropCounts()
@@ -209,7 +212,7 @@ class Shipper:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if self._closed and not self._queue:
                     return
-            channel = grpc.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
+            channel = open_channel(self.endpoint, CHANNEL_OPTIONS, self._security)
             try:
                 grpc.channel_ready_future(channel).result(timeout=self._connect_timeout_s)
             except grpc.FutureTimeoutError:
