@@ -56,13 +56,14 @@ class FuzzInputs:
         self.rng = np.random.default_rng(seed)
         self.kinds = tuple(KINDS)
         weights = np.array(list(KINDS.values()), dtype=np.float64)
-        self.p = weights / weights.sum()
+        self.cumulative = np.cumsum(weights / weights.sum())
         self.step = 0
         self.serial = 0
         self.live: list[str] = []  # request ids recently used, for continued requests
 
     def next(self) -> tuple[str, bytes]:
-        kind = self.kinds[int(self.rng.choice(len(self.kinds), p=self.p))]
+        draw = int(np.searchsorted(self.cumulative, self.rng.random()))
+        kind = self.kinds[min(draw, len(self.kinds) - 1)]
         return kind, getattr(self, f"_{kind}")()
 
     # --- well-formed ---------------------------------------------------------------------

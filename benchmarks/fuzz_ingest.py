@@ -7,9 +7,10 @@
 Inputs come from ``benchmarks._fuzz_inputs`` (seeded; every kind of damage the issue lists).
 Two paths, both the real code:
 
-* **In process** (all but ``--wire-share`` of the examples, for throughput): the ingest
-  handler ``IngestService.accept`` on the pipeline of a ``Sidecar`` (anomaly detection and a
-  tracing sink on, like production), its clock advanced 1 ms per input and ticked every
+* **In process** (all but ``--wire-share`` of the examples, for throughput, in ``--workers``
+  processes of seeds ``--seed``, ``--seed + 1``, ...): the ingest handler
+  ``IngestService.accept`` on the pipeline of a ``Sidecar`` (anomaly detection on, like
+  production; spans only over the wire), its clock advanced 1 ms per input and ticked every
   1,000 inputs (so idle requests and tensor-parallel waits expire), a new stream (a source
   for the per-stream caps, fresh drop counters) every 1,000 inputs. Outcome per input:
   ``accepted``, ``rejected:<reason>`` (the ``ingest_errors`` label), or a crash (any other
@@ -108,11 +109,13 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def fuzz_in_process(spec: CircuitSpec, seed: int, examples: int) -> InProcess:
+def fuzz_in_process(
+    spec: CircuitSpec, seed: int, examples: int, checkpoint: Path | None = None
+) -> InProcess:
     """``examples`` inputs of seed ``seed`` through one sidecar's ingest handler; prints
-    progress ten times."""
+    progress ten times, and then writes the counts so far to ``checkpoint``."""
     inputs = FuzzInputs(spec.hash, len(spec.components), seed)
-    sidecar = Sidecar(spec, "unix:///unused", tracer_provider=TracerProvider())
+    sidecar = Sidecar(spec, "unix:///unused")
     pipeline = sidecar.pipeline
     service = IngestService(pipeline, spec.hash, pipeline.scorer.num_components)
     result = InProcess(examples=examples, max_requests=pipeline.requests.max_requests)
@@ -130,6 +133,8 @@ def fuzz_in_process(spec: CircuitSpec, seed: int, examples: int) -> InProcess:
                 print(f"seed {seed}: {i:,}/{examples:,} inputs, {result.crashes} crashes, RSS "
                       f"{result.rss_mib[-1][1]:.0f} MiB, {time.perf_counter() - started:.0f} s",
                       flush=True)  # fmt: skip
+                if checkpoint is not None:
+                    write_json(checkpoint, {"inputs_done": i, "partial": result})
         kind, raw = inputs.next()
         now += 0.001
         try:
@@ -168,7 +173,13 @@ def fuzz_in_processes(spec: CircuitSpec, seed: int, examples: int, workers: int)
     shares = [examples // workers + (i < examples % workers) for i in range(workers)]
     started = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        parts = pool.starmap(fuzz_in_process, [(spec, seed + i, n) for i, n in enumerate(shares)])
+        parts = pool.starmap(
+            fuzz_in_process,
+            [
+                (spec, seed + i, n, Path(tempfile.gettempdir()) / f"fuzz-ingest-{seed + i}.json")
+                for i, n in enumerate(shares)
+            ],
+        )
     merged = InProcess(examples=examples, seconds=time.perf_counter() - started)
     by_kind = collections.defaultdict(collections.Counter)
     for part in parts:

@@ -225,7 +225,8 @@ class RequestTable:
     def _victim(self, owner: int) -> tuple[int, str]:
         """The slot a new request of ``owner`` must take over (least recently updated among
         the owner's when it is at its cap, else among all when none is free), and why."""
-        if self._live_by_owner.get(owner, 0) >= self.max_per_owner:
+        at_cap = self._live_by_owner.get(owner, 0) >= self.max_per_owner
+        if at_cap and self.max_per_owner < self.max_requests:
             mine = np.where(self._owner_of == owner, self._last_seen, np.inf)
             return int(np.argmin(mine)), "stream_state_full"
         if not self._free:
