@@ -110,10 +110,15 @@ def rss_mib() -> float:
 
 
 def fuzz_in_process(
-    spec: CircuitSpec, seed: int, examples: int, checkpoint: Path | None = None
+    spec: CircuitSpec,
+    seed: int,
+    examples: int,
+    checkpoint: Path | None = None,
+    deadline: float | None = None,
 ) -> InProcess:
-    """``examples`` inputs of seed ``seed`` through one sidecar's ingest handler; prints
-    progress ten times, and then writes the counts so far to ``checkpoint``."""
+    """``examples`` inputs of seed ``seed`` through one sidecar's ingest handler, or fewer if
+    ``time.time()`` passes ``deadline`` first; prints progress ten times, and then writes the
+    counts so far to ``checkpoint``."""
     inputs = FuzzInputs(spec.hash, len(spec.components), seed)
     sidecar = Sidecar(spec, "unix:///unused")
     pipeline = sidecar.pipeline
@@ -123,7 +128,11 @@ def fuzz_in_process(
     sample_every = max(1, examples // 20)
     now, drops, source = 1000.0, SenderDrops(), 0
     started = time.perf_counter()
+    done = 0
     for i in range(examples):
+        if deadline is not None and i % 100 == 0 and time.time() > deadline:
+            break
+        done = i + 1
         if i % STREAM_INPUTS == 0 and i:
             pipeline.tick(now)
             drops, source = SenderDrops(), source + 1
@@ -151,7 +160,8 @@ def fuzz_in_process(
         by_kind[kind][outcome] += 1
     pipeline.tick(now)
     result.seconds = time.perf_counter() - started
-    result.rss_mib.append((examples, rss_mib()))
+    result.examples = done
+    result.rss_mib.append((done, rss_mib()))
     result.by_kind = {k: dict(v) for k, v in sorted(by_kind.items())}
     result.outcomes = dict(result.outcomes)
     result.live_requests = len(pipeline.requests)
@@ -165,22 +175,26 @@ def fuzz_in_process(
     return result
 
 
-def fuzz_in_processes(spec: CircuitSpec, seed: int, examples: int, workers: int) -> InProcess:
+def fuzz_in_processes(
+    spec: CircuitSpec, seed: int, examples: int, workers: int, deadline: float | None
+) -> InProcess:
     """``fuzz_in_process`` in ``workers`` processes (seeds ``seed``, ``seed + 1``, ...), merged:
     counts added, state and memory from the worker that held the most."""
     if workers == 1:
-        return fuzz_in_process(spec, seed, examples)
+        return fuzz_in_process(spec, seed, examples, deadline=deadline)
     shares = [examples // workers + (i < examples % workers) for i in range(workers)]
     started = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = pool.starmap(
             fuzz_in_process,
             [
-                (spec, seed + i, n, Path(tempfile.gettempdir()) / f"fuzz-ingest-{seed + i}.json")
+                (spec, seed + i, n, Path(tempfile.gettempdir()) / f"fuzz-{seed + i}.json", deadline)
                 for i, n in enumerate(shares)
             ],
         )
-    merged = InProcess(examples=examples, seconds=time.perf_counter() - started)
+    merged = InProcess(
+        examples=sum(part.examples for part in parts), seconds=time.perf_counter() - started
+    )
     by_kind = collections.defaultdict(collections.Counter)
     for part in parts:
         merged.outcomes.update(part.outcomes)
@@ -314,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=1, help="processes for the in-process share (default 1)"
     )
     parser.add_argument(
+        "--max-seconds",
+        type=float,
+        help="stop the in-process share after this long (the inputs run are reported)",
+    )
+    parser.add_argument(
         "--update-docs", action="store_true", help="rewrite the fuzz section of BENCHMARKS.md"
     )
     args = parser.parse_args(argv)
@@ -323,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cw-fuzz-") as tmp:
         spec = load_spec(write_spec(Path(tmp)))
     local_examples = max(0, args.examples - wire_messages)
-    local = fuzz_in_processes(spec, args.seed, local_examples, args.workers)
+    deadline = None if args.max_seconds is None else time.time() + args.max_seconds
+    local = fuzz_in_processes(spec, args.seed, local_examples, args.workers, deadline)
     wire_inputs = FuzzInputs(spec.hash, len(spec.components), args.seed + args.workers)
     wire = fuzz_over_wire(spec, wire_inputs, wire_messages)
     # ru_maxrss is in KiB: of this process, and of the largest worker process.
@@ -346,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "workers": args.workers,
             "kinds": KINDS,
+            "examples_requested": args.examples,
             "examples": local.examples + wire.messages,
             "seconds": local.seconds + wire.seconds,
             "crashes": crashes,
