@@ -21,8 +21,6 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 ENV_TLS_CA = "CIRCUITWATCH_TLS_CA"
 ENV_TLS_CERT = "CIRCUITWATCH_TLS_CERT"
 ENV_TLS_KEY = "CIRCUITWATCH_TLS_KEY"
@@ -48,7 +46,7 @@ class ChannelSecurity:
             raise ValueError(f"a client certificate needs TLS: set {ENV_TLS_CA}")
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ValueError(f"{ENV_TOKEN_FILE}: the token is empty or contains whitespace")
-        if self.token is not None and self.ca is None and _local_kind(endpoint) is None:
+        if self.token is not None and self.ca is None and not _stays_on_host(endpoint):
             raise ValueError(
                 f"a bearer token over plaintext TCP to {endpoint} would be readable on the "
                 f"network: set {ENV_TLS_CA} (TLS) or use a Unix socket or loopback address"
@@ -67,35 +65,37 @@ class ChannelSecurity:
         return security
 
 
-def open_channel(
-    endpoint: str, options: tuple, security: ChannelSecurity | None = None
-) -> grpc.Channel:
-    """A channel to ``endpoint`` with the credentials ``security`` asks for."""
+def open_channel(endpoint: str, options: tuple, security: ChannelSecurity | None = None):
+    """A ``grpc.Channel`` to ``endpoint`` with the credentials ``security`` asks for."""
+    # Imported here: the plugin reads its configuration (this module's dataclass) in every
+    # vLLM process, and must not load gRPC where the probes are off.
+    import grpc
+
     if security is None or (security.plaintext and security.token is None):
         return grpc.insecure_channel(endpoint, options=options)
     if security.ca is not None:
         credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.cert)
-    else:
-        kind = _local_kind(endpoint)
-        if kind is None:  # check() refuses this configuration; never send a token in clear
-            raise ValueError(f"no plaintext token to {endpoint}")
+    elif _stays_on_host(endpoint):
+        unix = endpoint.startswith("unix:")
+        kind = grpc.LocalConnectionType.UDS if unix else grpc.LocalConnectionType.LOCAL_TCP
         credentials = grpc.local_channel_credentials(kind)
+    else:  # check() refuses this configuration; never send a token in clear
+        raise ValueError(f"no plaintext token to {endpoint}")
     if security.token is not None:
         token = grpc.access_token_call_credentials(security.token)
         credentials = grpc.composite_channel_credentials(credentials, token)
     return grpc.secure_channel(endpoint, credentials, options=options)
 
 
-def _local_kind(endpoint: str) -> grpc.LocalConnectionType | None:
-    """UDS or LOCAL_TCP for an endpoint that never leaves this host, else None."""
+def _stays_on_host(endpoint: str) -> bool:
+    """A Unix socket, or TCP to a loopback address."""
     if endpoint.startswith("unix:"):
-        return grpc.LocalConnectionType.UDS
+        return True
     host = endpoint.removeprefix("dns:///").rpartition(":")[0].strip("[]")
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve anywhere
-        loopback = False
-    return grpc.LocalConnectionType.LOCAL_TCP if loopback else None
+        return False
 
 
 def _read(env, name: str) -> bytes | None:
