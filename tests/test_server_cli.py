@@ -67,7 +67,7 @@ def test_serves_health_and_metrics_then_stops_on_sigterm(tmp_path):
     listen, metrics_port = f"127.0.0.1:{free_port()}", free_port()
     process = serve(
         "--spec", str(spec), "--listen", listen, "--metrics-port", str(metrics_port),
-        "--metrics-host", "127.0.0.1",
+        "--metrics-host", "127.0.0.1", "--insecure",
     )  # fmt: skip
     try:
         with grpc.insecure_channel(listen) as channel:

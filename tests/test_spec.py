@@ -570,3 +570,32 @@ def test_direction_files_in_subfolders_and_symlinks_within_the_folder_load(tmp_p
     (path.parent / "sub" / "linked.safetensors").symlink_to(path.parent / "dirs.safetensors")
     expected = load_file(path.parent / "dirs.safetensors")["resid"]
     np.testing.assert_array_equal(load_spec(path).components[2].direction, expected.numpy())
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "!!python/object/apply:os.system ['touch {marker}']",
+        "!!python/object/new:pathlib.Path ['{marker}']",
+        "!!python/name:os.system",
+    ],
+)
+def test_yaml_python_tags_are_refused_and_never_run(spec_dir: Path, tag: str) -> None:
+    marker = spec_dir / "ran"
+    path = spec_dir / "spec.yaml"
+    text = yaml.safe_dump(good_doc(), sort_keys=False)
+    path.write_text(text.replace("name: tiny-llama", f"name: {tag.format(marker=marker)}", 1))
+    error = refused(path)
+    assert "YAML" in error.problem and "python" in error.problem
+    assert not marker.exists()
+
+
+def test_a_pickle_named_like_safetensors_is_refused(spec_dir: Path) -> None:
+    # torch.save writes a zip of pickles: loading it would run code; the safetensors reader
+    # refuses it as not being safetensors.
+    torch.save({"resid": torch.randn(128)}, spec_dir / "pickled.safetensors")
+    doc = good_doc()
+    doc["components"][2]["direction"]["file"] = "pickled.safetensors"
+    error = refused(write_spec(spec_dir, doc))
+    assert error.field == "components[2].direction.file"
+    assert "not a safetensors file" in error.problem

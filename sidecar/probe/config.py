@@ -17,6 +17,10 @@
                              off, logged and exported while the engine serves on
                              (``sidecar.probe.host.health``)
 
+    CIRCUITWATCH_TLS_CA, CIRCUITWATCH_TLS_CERT, CIRCUITWATCH_TLS_KEY, CIRCUITWATCH_TOKEN_FILE
+                             TLS, a client certificate and a bearer token for the sidecar's
+                             TCP ingest (files; see ``sidecar.probe.host.channel``)
+
 vLLM starts its engine processes with the environment of the process that launched it, so
 these must be set before the engine starts.
 """
@@ -31,7 +35,9 @@ from typing import Any
 
 from sidecar.probe.host.attribution import DEFAULT_SAMPLE, SamplePolicy
 from sidecar.probe.host.budget import DEFAULT_BUDGET, check_budget
+from sidecar.probe.host.channel import ChannelSecurity
 from sidecar.probe.host.health import FaultInjection
+from sidecar.protocol.batch import MAX_BATCH_STEPS
 
 ENV_SPEC = "CIRCUITWATCH_SPEC"
 ENV_ENDPOINT = "CIRCUITWATCH_ENDPOINT"
@@ -53,6 +59,7 @@ class ProbeConfig:
     linger_ms: float = DEFAULT_LINGER_MS
     fault: FaultInjection | None = None  # test hook
     budget: float = DEFAULT_BUDGET
+    security: ChannelSecurity = ChannelSecurity()
 
     def __post_init__(self):
         if not self.endpoint.strip():
@@ -60,6 +67,7 @@ class ProbeConfig:
         _check_queue_size(self.queue_size)
         _check_linger_ms(self.linger_ms)
         check_budget(self.budget)
+        self.security.check(self.endpoint)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProbeConfig | None:
@@ -87,12 +95,14 @@ class ProbeConfig:
             except ValueError as e:
                 raise ValueError(f"{ENV_FAULT}: {e}") from None
         budget = _parse(env, ENV_BUDGET, DEFAULT_BUDGET, float, check_budget)
-        return cls(Path(spec), endpoint, sample, queue_size, linger_ms, fault, budget)
+        security = ChannelSecurity.from_env(env, endpoint)
+        return cls(Path(spec), endpoint, sample, queue_size, linger_ms, fault, budget, security)
 
 
 def _check_queue_size(steps: int) -> None:
-    if steps < 1:
-        raise ValueError(f"queue size {steps} is not >= 1")
+    # A message gathers at most the queue's steps; the sidecar refuses more in one message.
+    if not 1 <= steps <= MAX_BATCH_STEPS:
+        raise ValueError(f"queue size {steps} is not in [1, {MAX_BATCH_STEPS}]")
 
 
 def _check_linger_ms(ms: float) -> None:

@@ -177,6 +177,7 @@ class WorkerProbe:
             max_tokens=max(1, MESSAGE_BYTES // row_bytes(len(taps.component_ids))),
             status=health.status,
             empty=drain.empty,
+            security=config.security,
         )
         probe = cls(spec, taps, drain, ship, engine.rank, trace_parents, health, budget, fault)
         logger.info(

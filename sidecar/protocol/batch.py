@@ -25,6 +25,12 @@ GENERATED = 1
 # The sidecar accepts messages up to this size (gRPC's default, 4 MiB, is less than one
 # long prefill step of a wide spec); probes aim for far smaller ones (see ``row_bytes``).
 MAX_MESSAGE_BYTES = 64 * 2**20
+# Steps one message may carry: the sidecar's work per message grows with it (each step is
+# joined on its own under tensor parallelism), and a probe never gathers more than its queue.
+MAX_BATCH_STEPS = 65_536
+# Ids, names, reasons and traceparents: the sidecar keeps some of them for up to
+# max_requests requests, so their length is bounded too.
+MAX_STRING_CHARS = 1024
 
 
 def row_bytes(num_components: int) -> int:
@@ -192,6 +198,7 @@ def _column(data: bytes, dtype: str, name: str, count: int | None = None) -> np.
 
 def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch:
     """Decode and validate; ``num_components`` is the size of the server's spec."""
+    _check_string_lengths(msg)
     if msg.world_size < 1 or msg.rank >= msg.world_size:
         raise MalformedBatch(f"rank {msg.rank} out of range for world_size {msg.world_size}")
     component_ids = np.asarray(msg.component_ids, dtype=np.uint32)
@@ -214,6 +221,8 @@ def from_message(msg: ingest_pb2.SampleBatch, num_components: int) -> TokenBatch
     steps = tuple(msg.steps)
     if not steps and (n or msg.request_ids or msg.finished_request_ids):
         raise MalformedBatch("steps: a batch with tokens or requests names an engine step")
+    if len(steps) > MAX_BATCH_STEPS:
+        raise MalformedBatch(f"steps: {len(steps)} in one batch, at most {MAX_BATCH_STEPS}")
     if any(b <= a for a, b in itertools.pairwise(steps)):
         raise MalformedBatch(f"steps: {list(steps)[:8]} is not strictly ascending")
     if msg.shipped_tokens_total and msg.shipped_tokens_total < n:
@@ -278,3 +287,17 @@ def _step_shares(
     if sum(shares) != total:
         raise MalformedBatch(f"{name}: the steps' shares add up to {sum(shares)}, not {total}")
     return tuple(shares)
+
+
+def _check_string_lengths(msg: ingest_pb2.SampleBatch) -> None:
+    fields = {
+        "spec_hash": [msg.spec_hash],
+        "model_name": [msg.model_name],
+        "request_ids": msg.request_ids,
+        "finished_request_ids": msg.finished_request_ids,
+        "dropped_total": msg.dropped_total.keys(),
+        "traceparents": [*msg.traceparents.keys(), *msg.traceparents.values()],
+    }
+    for name, values in fields.items():
+        if max(map(len, values), default=0) > MAX_STRING_CHARS:
+            raise MalformedBatch(f"{name}: a value longer than {MAX_STRING_CHARS} characters")

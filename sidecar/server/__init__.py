@@ -4,7 +4,8 @@ Modules, in the data's order: ``ingest`` (the gRPC service, validation), ``join`
 (tensor-parallel ranks), ``scoring`` (values -> circuit scores), ``requests`` (bounded
 per-request state), ``pipeline`` (the synchronous core tying them together), ``records``
 (the finished-request record and sinks), ``metrics`` and ``tracing`` (exporters),
-``service`` (the running server) and ``app`` (``circuitwatch serve``).
+``auth`` (TLS and client authentication), ``service`` (the running server, its caps) and
+``app`` (``circuitwatch serve``). The ingest's status codes are listed in ``ingest``.
 """
 
 from sidecar.server.records import (

@@ -8,6 +8,12 @@ Configuration order: command-line option, then environment variable, then defaul
                     (no trace export when none is set)
     --otlp-protocol OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL  grpc
 
+Ingest over TCP must authenticate its clients (sidecar.server.auth): mutual TLS
+(``--tls-cert``, ``--tls-key``, ``--tls-client-ca``) or a bearer token (``--token-file``, env
+``CIRCUITWATCH_TOKEN_FILE``; the probes send the same file's token), or both. A TCP
+``--listen`` with neither is refused (exit status 2) unless ``--insecure`` is given.
+``--tls-cert``/``--tls-key`` alone encrypt without authenticating.
+
 A Unix socket is mode 0600, or 0660 in the group given with ``--socket-group``. The process
 creates no other file, so its umask is set to that mode's complement before anything is
 bound: the socket is never, even for the moment between bind and chmod, open to others.
@@ -32,6 +38,7 @@ import signal
 import sys
 
 from sidecar.server.anomaly import DEFAULT_ANOMALY, AnomalyConfig
+from sidecar.server.auth import IngestAuth, check_listener, is_tcp
 from sidecar.server.service import Sidecar
 from sidecar.server.tracing import OTLP_PROTOCOLS, tracer_provider_from_config
 
@@ -57,6 +64,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket-group",
         help="let this group connect to the Unix socket (mode 0660; default 0600, owner only)",
+    )
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve ingest over TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    )
+    parser.add_argument(
+        "--token-file",
+        help="file holding the bearer token every ingest call must carry "
+        "(env CIRCUITWATCH_TOKEN_FILE)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a TCP --listen without client certificates or token: anyone who reaches "
+        "the port can feed the metrics",
+    )
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        default=64,
+        help="concurrent ingest streams and health checks; more are refused (default 64)",
+    )
+    parser.add_argument(
+        "--max-requests-per-stream",
+        type=int,
+        help="live requests one ingest stream may open; beyond it the stream's least recently "
+        "updated is evicted (default: --max-requests)",
     )
     parser.add_argument("--model-dir", help="check the spec against this model directory")
     parser.add_argument(
@@ -147,6 +183,15 @@ def run(args: argparse.Namespace) -> int:
             if args.anomaly
             else None
         )
+        auth = IngestAuth.from_files(
+            args.tls_cert,
+            args.tls_key,
+            args.tls_client_ca,
+            args.token_file or os.environ.get("CIRCUITWATCH_TOKEN_FILE") or None,
+        )
+        check_listener(listen, auth, args.insecure)
+        if is_tcp(listen) and auth.token is not None and not auth.tls:
+            logger.warning("bearer token over plaintext TCP: readable by anyone on the path")
         tracer_provider = tracer_provider_from_config(args.otlp_endpoint, args.otlp_protocol)
         sidecar = Sidecar(
             spec,
@@ -159,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
             join_timeout=args.tp_join_timeout,
             socket_group=args.socket_group,
             anomaly=anomaly,
+            auth=auth,
+            max_streams=args.max_streams,
+            max_requests_per_stream=args.max_requests_per_stream,
         )
     except ValueError as error:
         print(f"circuitwatch serve: {error}", file=sys.stderr)

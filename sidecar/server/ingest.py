@@ -15,10 +15,23 @@ turned off) stops there.
 ended and that stays silent for ``grace`` seconds, or whose successor (a new engine id for
 the same model and ranks) streams while it has none, is gone, and the pipeline closes its
 requests (``Pipeline.forget_engine``).
+Each stream is also a *source* for the pipeline's per-source caps (tracked requests,
+waiting tensor-parallel steps).
+
+Status codes a client sees (the stream's end; a rejected message does not end its stream):
+
+    OK                  the stream ended; StreamSummary counts accepted and rejected messages
+    UNAUTHENTICATED     TCP ingest without a valid bearer token (see ``auth.py``); without a
+                        client certificate the TLS handshake itself fails (UNAVAILABLE)
+    RESOURCE_EXHAUSTED  a message above MAX_MESSAGE_BYTES (the stream ends), or more
+                        concurrent RPCs than the server's ``max_streams``
+    UNIMPLEMENTED       any other method
+    UNAVAILABLE         the sidecar is not there, or is shutting down
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -111,6 +124,7 @@ class IngestService:
         self.num_components = num_components
         self.log = RateLimitedLog(logger)
         self.engines = EngineStreams(engine_grace)
+        self._sources = itertools.count()
 
     def handler(self) -> grpc.GenericRpcHandler:
         stream = grpc.stream_unary_rpc_method_handler(
@@ -122,11 +136,12 @@ class IngestService:
         self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> ingest_pb2.StreamSummary:
         senders: set[str] = set()  # engines this stream spoke for (one, in practice)
+        source = next(self._sources)
         accepted = rejected = 0
         try:
             async for raw in messages:
                 now = time.monotonic()
-                if self._receive(raw, senders, now):
+                if self._receive(raw, senders, now, source):
                     accepted += 1
                 else:
                     rejected += 1
@@ -135,10 +150,10 @@ class IngestService:
                 self.engines.closed(engine_id, time.monotonic())
         return ingest_pb2.StreamSummary(batches_accepted=accepted, batches_rejected=rejected)
 
-    def _receive(self, raw: bytes, senders: set[str], now: float) -> bool:
+    def _receive(self, raw: bytes, senders: set[str], now: float, source: int) -> bool:
         """One message; False (counted and logged) if it was rejected."""
         try:
-            self.accept(raw, now, senders)
+            self.accept(raw, now, senders, source)
             return True
         except Rejected as error:
             self.pipeline.metrics.ingest_error(error.reason)
@@ -149,9 +164,11 @@ class IngestService:
             logger.debug("batch processing failed", exc_info=True)
         return False
 
-    def accept(self, raw: bytes, now: float, senders: set[str] | None = None) -> None:
-        """Decode, validate and process one message; raises Rejected. ``senders``: the
-        engines of the stream so far, to which this message's is added."""
+    def accept(
+        self, raw: bytes, now: float, senders: set[str] | None = None, source: int = 0
+    ) -> None:
+        """Decode, validate and process one message from ``source``; raises Rejected.
+        ``senders``: the engines of the stream so far, to which this message's is added."""
         try:
             message = ingest_pb2.SampleBatch.FromString(raw)
         except DecodeError as error:
@@ -187,7 +204,7 @@ class IngestService:
         if batch.overhead is not None:
             metrics.probe_overhead(model_name, batch.rank, batch.overhead)
         if not batch.is_status:
-            pipeline.ingest(batch, now)
+            pipeline.ingest(batch, now, source)
 
     def tick(self, now: float) -> None:
         """The periodic work: the pipeline's, and forgetting the engines that are gone."""

@@ -5,9 +5,13 @@ every rank sees the same sampled tokens in the same order. The ranks' batches fo
 step are therefore joined by stacking their columns side by side; the rows must agree,
 which is checked. Each rank groups steps into messages its own way, so a batch of several
 steps is split into its steps first (``TokenBatch.split_steps``) and each step is joined.
-A step waits at most ``timeout`` seconds for its missing ranks and at most ``max_pending``
-steps wait at once; steps given up on are reported as dropped, every part that arrived by
-its own rank (the books are per rank, ``sidecar.server.books``).
+A step waits at most ``timeout`` seconds for its missing ranks. Waiting steps are the
+batches the sidecar holds, so they are capped, the oldest given up first when a cap is
+reached (reason ``tp_join_overflow``): at most ``max_pending`` steps and ``max_pending_bytes``
+of component values wait at once, and at most ``max_pending_per_source`` steps opened by one
+source (the sidecar passes its ingest stream), so one sender cannot push out the others'.
+Steps given up on are reported as dropped, every part that arrived by its own rank (the
+books are per rank, ``sidecar.server.books``).
 
 Steps are keyed by engine (``engine_id``) as well as by model, world size and step counter:
 two engines sharing a sidecar (data parallelism, replicas) count their steps alike.
@@ -58,60 +62,95 @@ class JoinOutcome:
 class _Pending:
     created: float
     world_size: int
+    source: int  # who opened the wait
     parts: dict[int, TokenBatch] = field(default_factory=dict)
+    nbytes: int = 0  # of the parts' values
 
 
 class RankJoiner:
-    def __init__(self, timeout: float, max_pending: int = 256) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        max_pending: int = 1024,
+        max_pending_per_source: int = 256,  # a probe's queue holds 256 steps by default
+        max_pending_bytes: int = 256 * 2**20,
+    ) -> None:
         self.timeout = timeout
         self.max_pending = max_pending
-        self._pending: dict[tuple[str, str, int, int], _Pending] = {}
+        self.max_pending_per_source = max_pending_per_source
+        self.max_pending_bytes = max_pending_bytes
+        self._pending: dict[tuple[str, str, int, int], _Pending] = {}  # oldest first
+        self._by_source: dict[int, int] = {}
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, batch: TokenBatch, now: float) -> JoinOutcome:
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def add(self, batch: TokenBatch, now: float, source: int = 0) -> JoinOutcome:
         if batch.world_size == 1:
             return JoinOutcome([Joined(batch, (batch.rank,))], [], [], [])
         outcome = JoinOutcome([], [], [], [])
         for part in batch.split_steps():
             try:
-                self._add_step(part, now, outcome)
+                self._add_step(part, now, source, outcome)
             except JoinError as error:
                 outcome.errors.append(error)
         return outcome
 
-    def _add_step(self, part: TokenBatch, now: float, outcome: JoinOutcome) -> None:
+    def _add_step(self, part: TokenBatch, now: float, source: int, outcome: JoinOutcome) -> None:
         step = part.steps[0]
         key = (part.engine_id, part.model_name, part.world_size, step)
         pending = self._pending.get(key)
         if pending is None:
-            if len(self._pending) >= self.max_pending:
-                oldest = next(iter(self._pending))
-                outcome.dropped.extend(_given_up([self._pending.pop(oldest)], "tp_join_overflow"))
-            pending = self._pending[key] = _Pending(now, part.world_size)
+            if self._by_source.get(source, 0) >= self.max_pending_per_source:
+                mine = next(k for k, p in self._pending.items() if p.source == source)
+                self._give_up(mine, outcome)
+            elif len(self._pending) >= self.max_pending:
+                self._give_up(next(iter(self._pending)), outcome)
+            pending = self._pending[key] = _Pending(now, part.world_size, source)
+            self._by_source[source] = self._by_source.get(source, 0) + 1
         if part.rank in pending.parts:
             outcome.refused.append(part)
             raise JoinError("tp_duplicate_rank", f"rank {part.rank} sent step {step} twice")
         pending.parts[part.rank] = part
+        pending.nbytes += part.values.nbytes
+        self._bytes += part.values.nbytes
         if len(pending.parts) == pending.world_size:
-            del self._pending[key]
+            self._remove(key)
             parts = [pending.parts[r] for r in range(pending.world_size)]
             try:
                 outcome.joined.append(Joined(_merge(parts), tuple(range(pending.world_size))))
             except JoinError:
                 outcome.refused.extend(parts)
                 raise
+        while self._bytes > self.max_pending_bytes:
+            self._give_up(next(iter(self._pending)), outcome)
 
     def expire(self, now: float) -> list[DroppedJoin]:
         """Give up on steps still missing ranks after ``timeout`` seconds."""
         stale = [k for k, p in self._pending.items() if p.created <= now - self.timeout]
-        return _given_up([self._pending.pop(k) for k in stale], "tp_join_timeout")
+        return _given_up([self._remove(k) for k in stale], "tp_join_timeout")
 
     def forget_engine(self, engine_id: str) -> list[DroppedJoin]:
         """Give up on every step of an engine that is gone."""
         gone = [k for k in self._pending if k[0] == engine_id]
-        return _given_up([self._pending.pop(k) for k in gone], "engine_gone")
+        return _given_up([self._remove(k) for k in gone], "engine_gone")
+
+    def _give_up(self, key: tuple[str, str, int, int], outcome: JoinOutcome) -> None:
+        outcome.dropped.extend(_given_up([self._remove(key)], "tp_join_overflow"))
+
+    def _remove(self, key: tuple[str, str, int, int]) -> _Pending:
+        pending = self._pending.pop(key)
+        self._bytes -= pending.nbytes
+        if self._by_source[pending.source] == 1:
+            del self._by_source[pending.source]
+        else:
+            self._by_source[pending.source] -= 1
+        return pending
 
 
 def _given_up(given_up: list[_Pending], reason: str) -> list[DroppedJoin]:

@@ -3,9 +3,12 @@
 Names follow ``circuitwatch_<thing>_<unit>``; counters end in ``_total``. Labels are
 bounded: ``circuit`` comes from the spec, ``phase``/``aggregation``/``finished_by``/
 ``verdict`` are fixed sets, and values that come from senders (``model_name``, the probe's drop
-``reason``, the tensor-parallel ``rank``) are cut to a fixed number of distinct values, the
-rest reported as "other". The books (``circuitwatch_probe_*_tokens_total``, per rank) are
-kept by ``sidecar.server.books``.
+``reason``, the tensor-parallel ``rank``) are cut to a fixed number of distinct values (16
+models, 32 reasons), the rest reported as "other"; a drop reason must also look like one
+(lower-case words joined by ``_``, no digits, so no request id or other identifier passes).
+No label carries a request id, a user id or prompt text: the sidecar never receives text,
+and request ids go only to spans. The books (``circuitwatch_probe_*_tokens_total``, per
+rank) are kept by ``sidecar.server.books``.
 
 ``circuitwatch_circuit_score`` buckets: scores are unbounded reals centred near zero, so
 the default buckets are symmetric, 1-2-5 steps from 0.1 to 100 on both sides of 0. Every
@@ -75,19 +78,22 @@ AGGREGATIONS = ("mean", "max")  # observed for every circuit, besides its config
 OTHER = "other"
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _MAX_PROBE_ERROR_KEYS = 1024  # (model, rank, reason) totals remembered for increments
+_REASON = re.compile(r"^[a-z]+(_[a-z]+)*$")
 
 
 class BoundedLabel:
-    """Passes through at most ``limit`` distinct well-formed values, then answers OTHER."""
+    """Passes through at most ``limit`` distinct values that match ``pattern`` (and are at
+    most 128 characters), then answers OTHER."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, pattern: re.Pattern = _LABEL_VALUE) -> None:
         self.limit = limit
+        self.pattern = pattern
         self._seen: set[str] = set()
 
     def __call__(self, value: str) -> str:
         if value in self._seen:
             return value
-        if len(self._seen) >= self.limit or not _LABEL_VALUE.match(value):
+        if len(self._seen) >= self.limit or len(value) > 128 or not self.pattern.match(value):
             return OTHER
         self._seen.add(value)
         return value
@@ -126,9 +132,9 @@ class SidecarMetrics:
         thresholds = {c.threshold for c in circuits if c.threshold is not None}
         thresholds |= {t for c in circuits for _, t in c.verdict_thresholds}
         self.model_label = BoundedLabel(max_models)
-        self.reason_label = BoundedLabel(max_drop_reasons)
+        self.reason_label = BoundedLabel(max_drop_reasons, _REASON)
         self.rank_label = BoundedLabel(max_ranks)
-        self.probe_error_label = BoundedLabel(max_drop_reasons)
+        self.probe_error_label = BoundedLabel(max_drop_reasons, _REASON)
         self._probe_errors: dict[tuple[str, str, str, str], int] = {}  # last total by key
         buckets = sorted(set(score_buckets) | thresholds)
         self.histogram_circuit_score = Histogram(

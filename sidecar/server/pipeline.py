@@ -52,12 +52,17 @@ class Pipeline:
         keep_token_scores: int = 0,
         join_timeout: float = 5.0,
         anomaly: AnomalyMonitor | None = None,
+        max_requests_per_source: int | None = None,
     ) -> None:
+        """``max_requests_per_source``: live requests one source may open (None: no cap
+        beyond ``max_requests``); see ``RequestTable``."""
         self.scorer = scorer
         self.metrics = metrics
         self.sinks = tuple(sinks)
         self.idle_timeout = idle_timeout
-        self.requests = RequestTable(scorer.circuits, max_requests, keep_token_scores)
+        self.requests = RequestTable(
+            scorer.circuits, max_requests, keep_token_scores, max_requests_per_source
+        )
         self.joiner = RankJoiner(join_timeout)
         self.anomaly = anomaly
         self.books = Books(metrics)
@@ -82,15 +87,16 @@ class Pipeline:
         model_name = self.metrics.model_label(batch.model_name)
         self.books.settle(model_name, (batch.rank,), REJECTED, batch.num_tokens)
 
-    def ingest(self, batch: TokenBatch, now: float) -> None:
-        """Process one rank's batch; raises Rejected for a batch that cannot be used."""
+    def ingest(self, batch: TokenBatch, now: float, source: int = 0) -> None:
+        """Process one rank's batch; raises Rejected for a batch that cannot be used.
+        ``source`` names the sender (the server passes its stream) for the per-source caps."""
         model_name = self.metrics.model_label(batch.model_name)
-        outcome = self.joiner.add(batch, now)
+        outcome = self.joiner.add(batch, now, source)
         self._given_up(outcome.dropped)
         for part in outcome.refused:
             self.books.settle(model_name, (part.rank,), REJECTED, part.num_tokens)
         for joined in outcome.joined:
-            self._score(joined.batch, joined.ranks, model_name, now)
+            self._score(joined.batch, joined.ranks, model_name, now, source)
         if outcome.errors:
             error = outcome.errors[0]
             raise Rejected(error.reason, str(error)) from error
@@ -112,7 +118,7 @@ class Pipeline:
                 self.metrics.drop(model_name, join.reason, join.tokens)
 
     def _score(
-        self, batch: TokenBatch, ranks: tuple[int, ...], model_name: str, now: float
+        self, batch: TokenBatch, ranks: tuple[int, ...], model_name: str, now: float, source: int
     ) -> None:
         settle = self.books.settle
         try:
@@ -144,6 +150,7 @@ class Pipeline:
                 batch.traceparents,
                 batch.prefix_cached_tokens,
                 batch.engine_id,
+                owner=source,
             ):
                 self.metrics.drop(dropped.model_name, dropped.reason, dropped.tokens)
                 if dropped.incoming:

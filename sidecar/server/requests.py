@@ -15,10 +15,14 @@ Requests are keyed by engine (``engine_id``) and request id: two engines sharing
 may use the same ids. A request finishes when the engine says so (``finish``), when no data
 arrived for it for the idle timeout (``expire``), or when its engine is gone
 (``forget_engine``). At most ``max_requests`` are live; a new request beyond that evicts the
-least recently updated one, whose tokens are reported dropped. Requests finished recently
-are remembered (bounded) so that late tokens for them are dropped instead of opening a
-second record, unless the probe says the id starts a new request (``start``: a caller that
-reuses a request id once the first request with it finished).
+least recently updated one, whose tokens are reported dropped (``state_full``). Each
+request belongs to the *owner* whose batch opened it (the sidecar passes its ingest
+stream), and one owner holds at most ``max_per_owner`` live requests: a new one beyond that
+evicts that owner's least recently updated request (``stream_state_full``), so one sender
+flooding request ids evicts its own state first, not other engines'. Requests finished
+recently are remembered (bounded) so that late tokens for them are dropped instead of
+opening a second record, unless the probe says the id starts a new request (``start``: a
+caller that reuses a request id once the first request with it finished).
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ _NO_SLOT = -1
 @dataclass(frozen=True)
 class DroppedTokens:
     model_name: str
-    reason: str  # "state_full": evicted or never admitted; "after_finish": late tokens
+    # "state_full": evicted or never admitted; "stream_state_full": evicted for its owner's
+    # cap; "after_finish": late tokens
+    reason: str
     tokens: int
     incoming: bool = True  # tokens of the batch being added; False: an evicted request's
 
@@ -63,12 +69,20 @@ class _Kept:
 
 class RequestTable:
     def __init__(
-        self, circuits: Sequence[Circuit], max_requests: int, keep_token_scores: int = 0
+        self,
+        circuits: Sequence[Circuit],
+        max_requests: int,
+        keep_token_scores: int = 0,
+        max_per_owner: int | None = None,
     ) -> None:
+        """``max_per_owner``: live requests one owner may hold (None: ``max_requests``)."""
         if max_requests < 1:
             raise ValueError(f"max_requests must be at least 1, got {max_requests}")
+        if max_per_owner is not None and max_per_owner < 1:
+            raise ValueError(f"max_per_owner must be at least 1, got {max_per_owner}")
         self.circuit_names = tuple(c.name for c in circuits)
         self.max_requests = max_requests
+        self.max_per_owner = max_requests if max_per_owner is None else max_per_owner
         self.keep_token_scores = keep_token_scores
         slots, phases = max_requests, len(PHASE_NAMES)
         # [phase, circuit] verdict threshold, NaN where the circuit has none for the phase
@@ -88,6 +102,8 @@ class RequestTable:
         self._request_of: list[tuple[str, str]] = [("", "")] * slots
         self._prefix_cached = np.zeros(slots, dtype=np.int64)
         self._model_of: list[str] = [""] * slots
+        self._owner_of = np.full(slots, -1, dtype=np.int64)
+        self._live_by_owner: dict[int, int] = {}
         self._kept: list[_Kept | None] = [None] * slots
         self._trace_of: list[str | None] = [None] * slots
         self._free = list(range(slots - 1, -1, -1))
@@ -125,11 +141,13 @@ class RequestTable:
         traceparents: Mapping[str, str] | None = None,
         prefix_cached: Mapping[str, int] | None = None,
         engine_id: str = "",
+        owner: int = 0,
     ) -> list[DroppedTokens]:
         """Fold one batch's scores [n, c] into the requests' aggregates; ``traceparents``
-        and ``prefix_cached`` tokens (by request id) are kept for the requests' records."""
+        and ``prefix_cached`` tokens (by request id) are kept for the requests' records;
+        ``owner`` opens new requests."""
         slot_of_request, dropped = self._slots_for(
-            model_name, engine_id, request_ids, request_index, now
+            model_name, engine_id, request_ids, request_index, now, owner
         )
         for request_id, traceparent in (traceparents or {}).items():
             slot = self._slot_of.get((engine_id, request_id))
@@ -215,6 +233,7 @@ class RequestTable:
         request_ids: list[str],
         request_index: np.ndarray,
         now: float,
+        owner: int,
     ) -> tuple[np.ndarray, list[DroppedTokens]]:
         get = self._slot_of.get
         slot_list = [get((engine_id, request_id), _NO_SLOT) for request_id in request_ids]
@@ -228,27 +247,40 @@ class RequestTable:
         for i in np.flatnonzero(slots == _NO_SLOT).tolist():
             (late if (engine_id, request_ids[i]) in self._recently_finished else new).append(i)
         dropped: list[DroppedTokens] = []
-        refused: list[int] = []
+        refused: dict[str, list[int]] = {"state_full": [], "stream_state_full": []}
         for i in new:
-            if not self._free:
-                victim = int(np.argmin(self._last_seen))
-                if self._last_seen[victim] >= now:  # every live request is in this batch
-                    refused.append(i)
+            victim, reason = self._victim(owner)
+            if victim != _NO_SLOT:
+                if self._last_seen[victim] >= now:  # every candidate is in this batch
+                    refused[reason].append(i)
                     continue
                 tokens = int(self._count[victim].sum())
                 dropped.append(
-                    DroppedTokens(self._model_of[victim], "state_full", tokens, incoming=False)
+                    DroppedTokens(self._model_of[victim], reason, tokens, incoming=False)
                 )
                 self._release(victim)
-            slots[i] = self._open((engine_id, request_ids[i]), model_name, now)
-        for reason, indices in (("after_finish", late), ("state_full", refused)):
+            slots[i] = self._open((engine_id, request_ids[i]), model_name, now, owner)
+        for reason, indices in (("after_finish", late), *refused.items()):
             if indices:
                 tokens = int(np.isin(request_index, indices).sum())
                 dropped.append(DroppedTokens(model_name, reason, tokens))
         return slots, dropped
 
-    def _open(self, key: tuple[str, str], model_name: str, now: float) -> int:
+    def _victim(self, owner: int) -> tuple[int, str]:
+        """The slot a new request of ``owner`` must take over (least recently updated among
+        the owner's when it is at its cap, else among all when none is free), and why."""
+        at_cap = self._live_by_owner.get(owner, 0) >= self.max_per_owner
+        if at_cap and self.max_per_owner < self.max_requests:
+            mine = np.where(self._owner_of == owner, self._last_seen, np.inf)
+            return int(np.argmin(mine)), "stream_state_full"
+        if not self._free:
+            return int(np.argmin(self._last_seen)), "state_full"
+        return _NO_SLOT, ""
+
+    def _open(self, key: tuple[str, str], model_name: str, now: float, owner: int) -> int:
         slot = self._free.pop()
+        self._owner_of[slot] = owner
+        self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + 1
         self._slot_of[key] = slot
         self._request_of[slot] = key
         self._model_of[slot] = model_name
@@ -263,6 +295,12 @@ class RequestTable:
         del self._slot_of[self._request_of[slot]]
         model_name = self._model_of[slot]
         self._live_by_model[model_name] -= 1
+        owner = int(self._owner_of[slot])
+        if self._live_by_owner[owner] == 1:  # forget owners with nothing live: streams come and go
+            del self._live_by_owner[owner]
+        else:
+            self._live_by_owner[owner] -= 1
+        self._owner_of[slot] = -1
         self._count[slot] = 0
         self._sum[slot] = 0.0
         self._max[slot] = -np.inf

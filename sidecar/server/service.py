@@ -13,7 +13,32 @@ background thread with its own loop::
 
 A Unix socket is made private right after it is bound, before the server accepts anything:
 mode 0600, or 0660 owned by ``socket_group``. Whoever can connect can feed the sidecar
-activations and so its metrics.
+activations and so its metrics. Over TCP, ``auth`` (``sidecar.server.auth``) adds TLS,
+client certificates and a bearer token; ``circuitwatch serve`` refuses a TCP listener that
+authenticates no one unless told ``--insecure`` (this class leaves that rule to its caller).
+
+Caps, so that no client can grow the sidecar's memory without bound (the oldest state goes
+first wherever one is reached, and what it held is counted as dropped):
+
+    max_streams                  concurrent RPCs on the server (ingest streams and health
+                                 checks); one more ends with RESOURCE_EXHAUSTED
+    max_streams_per_connection   concurrent streams on one HTTP/2 connection; more wait in
+                                 the client until one ends
+    MAX_MESSAGE_BYTES            one message (RESOURCE_EXHAUSTED, the stream ends; steps and
+                                 string lengths: ``sidecar.protocol.batch``); a stream
+                                 holds one message at a time: the next is read only after the
+                                 last was processed, the rest waits in HTTP/2 flow control
+    max_requests                 live requests in all (least recently updated evicted,
+                                 ``state_full``), and finished ids remembered for late tokens
+    max_requests_per_stream      live requests one stream opened (its own least recently
+                                 updated evicted, ``stream_state_full``)
+    RankJoiner                   tensor-parallel steps waiting for their other ranks: 1024 in
+                                 all, 256 opened by one stream, 256 MiB of values
+                                 (``tp_join_overflow``)
+
+Other per-sender state is bounded where it lives: model names and drop reasons become
+label values only up to a fixed count (``metrics.BoundedLabel``), drop counters per stream
+(``ingest.SenderDrops``), component layouts (``scoring``).
 """
 
 from __future__ import annotations
@@ -35,6 +60,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from sidecar import __version__
 from sidecar.protocol.batch import MAX_MESSAGE_BYTES
 from sidecar.server.anomaly import DEFAULT_ANOMALY, AnomalyConfig, AnomalyMonitor
+from sidecar.server.auth import UNAUTHENTICATED, IngestAuth
 from sidecar.server.ingest import SERVICE_NAME, IngestService
 from sidecar.server.metrics import DEFAULT_SCORE_BUCKETS, MetricsSink, SidecarMetrics
 from sidecar.server.pipeline import Pipeline
@@ -77,6 +103,10 @@ class Sidecar:
         score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
         socket_group: str | None = None,
         anomaly: AnomalyConfig | None = DEFAULT_ANOMALY,
+        auth: IngestAuth | None = None,
+        max_streams: int = 64,
+        max_streams_per_connection: int = 16,
+        max_requests_per_stream: int | None = None,
     ) -> None:
         """``listen``: ``unix:///path`` or ``host:port`` (port 0 picks a free one).
         ``metrics_port``: None serves no /metrics endpoint, 0 picks a free port.
@@ -84,8 +114,15 @@ class Sidecar:
         group it belongs to that group and is mode 0660. Raises ValueError for an unknown
         group. ``anomaly``: None turns anomaly detection off. ``engine_grace``: an engine
         whose streams all ended is given this many seconds to come back before its requests
-        are closed (see ingest.py)."""
+        are closed (see ingest.py). ``auth``: TLS and client authentication (None:
+        plaintext, anyone who can connect). Caps: see above; ``max_requests_per_stream``
+        None means ``max_requests``."""
+        if max_streams < 1 or max_streams_per_connection < 1:
+            raise ValueError("max_streams and max_streams_per_connection must be at least 1")
         self.spec = spec
+        self.auth = auth if auth is not None else IngestAuth()
+        self.max_streams = max_streams
+        self.max_streams_per_connection = max_streams_per_connection
         self.listen = listen
         self.socket_path = unix_socket_path(listen)
         self.socket_gid: int | None = None
@@ -120,6 +157,7 @@ class Sidecar:
             keep_token_scores=keep_token_scores,
             join_timeout=join_timeout,
             anomaly=None if anomaly is None else AnomalyMonitor(spec.circuits, anomaly),
+            max_requests_per_source=max_requests_per_stream,
         )
         self.tick_interval = max(0.01, min(1.0, idle_timeout / 4, join_timeout / 4))
         self.address: str | None = None  # the bound ingest address, once started
@@ -140,10 +178,22 @@ class Sidecar:
         self._health = health_aio.HealthServicer()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server = grpc.aio.server(
+            interceptors=self.auth.interceptors(lambda: self.metrics.ingest_error(UNAUTHENTICATED)),
+            options=(
+                *SERVER_OPTIONS,
+                ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ),
+            maximum_concurrent_rpcs=self.max_streams,
+        )
         self._server.add_generic_rpc_handlers((self._ingest.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        port = self._server.add_insecure_port(self.listen)  # binds (and replaces a stale file)
+        credentials = self.auth.server_credentials()
+        # Both bind (and replace a stale socket file).
+        if credentials is None:
+            port = self._server.add_insecure_port(self.listen)
+        else:
+            port = self._server.add_secure_port(self.listen, credentials)
         if self.socket_path is not None:
             # Before start(): nothing is accepted while the mode is still the umask's (the
             # CLI's umask keeps even that moment private, see app.py).

@@ -13,6 +13,10 @@ where the circuit has a verdict threshold for the phase,
 detection past its warm-up, per detector (a circuit's name or "multivariate"):
 ``circuitwatch.anomaly.<detector>.score`` and ``circuitwatch.anomaly.<detector>.anomalous``.
 
+No attribute carries text: the sidecar never receives prompt or completion text (the wire
+protocol has no field for it), so there is nothing to enable; the request id is there to
+join vLLM's own spans, which is also why spans, never /metrics, carry it.
+
 Trace context: when the probe sent the request's W3C ``traceparent`` (see
 ``sidecar.probe.vllm_internals``; vLLM passes the header to its engine only when its own tracing is
 on, ``--otlp-traces-endpoint``), the span is a child of that context: it joins the caller's

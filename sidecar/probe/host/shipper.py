@@ -57,6 +57,7 @@ from typing import Protocol
 import grpc
 
 from sidecar.probe.config import DEFAULT_LINGER_MS
+from sidecar.probe.host.channel import ChannelSecurity, open_channel
 from sidecar.probe.host.cpus import bind_current_thread
 from sidecar.probe.host.health import HEALTHY, ProbeStatus
 from sidecar.protocol.batch import TokenBatch, to_message
@@ -161,12 +162,14 @@ class Shipper:
         max_tokens: int = 8192,
         status: Callable[[], ProbeStatus] = lambda: HEALTHY,
         empty: Empty | None = None,
+        security: ChannelSecurity | None = None,
     ):
         """``status``: the probe's state, read on the shipper thread; ``empty`` is needed
         only if that state can change."""
         self.endpoint = endpoint
         self._status = status
         self._empty = empty
+        self._security = security  # TLS and token (channel.py); None: plaintext
         self._resolve = resolve
         self._cpus = cpus  # the thread's CPUs (see cpus.py); None: the creator's
         self.drops = drops or DropCounts()
@@ -251,7 +254,7 @@ class Shipper:
                 )
                 if self._closed and not self._queue:
                     return
-            channel = grpc.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
+            channel = open_channel(self.endpoint, CHANNEL_OPTIONS, self._security)
             try:
                 grpc.channel_ready_future(channel).result(timeout=self._connect_timeout_s)
             except grpc.FutureTimeoutError:
