@@ -72,6 +72,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,6 +384,31 @@ def standard_dataset(seed: int = 0, jailbreak_count: int = 64) -> list[Example]:
         *tricky_benign(),
         *rng.sample(short, min(jailbreak_count, len(short))),
     ]
+
+
+_FILLER = frozenset(
+    "the and for with how what are that this you your someone people can make into without "
+    "from about their them they its who write give detailed step instructions explain describe "
+    "convince article persuasive guide".split()
+)
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lower-case words of three letters or more, without the forms' filler words."""
+    return frozenset(w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 2) - _FILLER
+
+
+def near_duplicates(
+    texts: Sequence[str], references: Sequence[str], threshold: float
+) -> np.ndarray:
+    """bool per text: its content words' Jaccard similarity to some reference >= threshold
+    (the same request reworded, or the same narrow topic: contamination of a held-out set)."""
+    refs = [content_words(r) for r in references]
+    out = np.zeros(len(texts), dtype=bool)
+    for i, text in enumerate(texts):
+        words = content_words(text)
+        out[i] = any(len(words & r) >= threshold * len(words | r) > 0 for r in refs)
+    return out
 
 
 def read_jsonl(path: str | Path) -> list[Example]:

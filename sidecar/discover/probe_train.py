@@ -52,7 +52,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from sidecar.discover.capture import capture
-from sidecar.discover.datasets import PROVENANCE, Example, read_jsonl, standard_dataset, write_jsonl
+from sidecar.discover.datasets import (
+    PROVENANCE,
+    Example,
+    near_duplicates,
+    read_jsonl,
+    standard_dataset,
+    write_jsonl,
+)
 from sidecar.discover.probe_eval import Probe, ProbeRow, Roles, auroc_by_benign_source, measure
 from sidecar.discover.probe_training import L2, auroc, fit_logistic
 from sidecar.discover.token_probes import TOKENS, parse_aggregation, token_probes, token_table
@@ -180,15 +187,26 @@ def train_probes(
     cache: Path | None = None,
     token_sites: Sequence[Site] = (),
     aggregations: Sequence[Aggregation] = (),
+    decontaminate: float = 0.0,
 ) -> tuple[list[Probe], dict]:
     """Every pooled (site, position) probe, every per-token probe at ``token_sites`` under
-    each of ``aggregations``, and the length-only baseline and split sizes."""
+    each of ``aggregations``, and the length-only baseline and split sizes. ``decontaminate``
+    > 0: training and validation requests whose content words overlap a held-out request of
+    their class by that Jaccard share or more are left out (role ``excluded``)."""
     roles = roles or Roles()
     prompt_ids = [e.token_ids(tokenizer) for e in examples]
     sequences = [p + e.generated_ids(tokenizer) for p, e in zip(prompt_ids, examples, strict=True)]
     labels = torch.tensor([e.label == 1 for e in examples])
     role_of = np.array([roles.role(e) for e in examples])
     sources = np.array([e.source for e in examples])
+    if decontaminate:  # training requests that reword a held-out one of their class
+        for label in (True, False):
+            fitting = np.isin(role_of, ("train", "validation")) & (labels == label).numpy()
+            held = [e.content for e, r, y in zip(examples, role_of, labels, strict=True)
+                    if r == "heldout" and bool(y) == label]  # fmt: skip
+            texts = [examples[i].content for i in np.flatnonzero(fitting)]
+            near = near_duplicates(texts, held, decontaminate)
+            role_of[np.flatnonzero(fitting)[near]] = "excluded"
     for needed in ("train", "validation", "calibration", "heldout"):
         if not (role_of == needed).any():
             raise ValueError(f"no examples in the {needed} role: check the source names")
@@ -353,6 +371,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--choose", help="SITE:POSITION to write (default: best validation loss)")
     parser.add_argument("--l2", type=float, default=L2, help="L2 on standardised features")
     parser.add_argument("--cache", help="safetensors file caching the activations")
+    parser.add_argument(
+        "--decontaminate",
+        type=float,
+        default=0.4,
+        help="leave out training requests whose content words overlap a held-out request of "
+        "their class by this Jaccard share or more (0: keep all; default 0.4)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -386,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
         cache,
         token_sites if aggregations else (),
         aggregations,
+        args.decontaminate,
     )
     positions = args.positions or sorted({p.row.position for p in probes})
     eligible = [p for p in probes if p.row.position in positions]
@@ -408,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
         "roles": asdict(roles),
         "target_fpr": args.fpr,
         "l2": args.l2,
+        "decontaminate": args.decontaminate,
         **summary,
         "chosen": asdict(chosen.row),
         "chosen_by": "--choose" if args.choose else "lowest recalibrated validation log-loss",
