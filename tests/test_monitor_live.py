@@ -224,7 +224,8 @@ def test_calibrate_through_the_engine_sets_thresholds_on_live_aggregates(
         for r in live.sink.records
         if r.phase(PHASE) is not None
     ]
-    assert min(abs(v - threshold) for v in live_values) <= 1e-6 * max(1.0, abs(threshold))
+    # the spec keeps 6 significant digits
+    assert min(abs(v - threshold) for v in live_values) <= 1e-5 * max(1.0, abs(threshold))
     j = [c.name for c in spec.circuits].index(circuit.name)
     offline = [
         reference.score(e.token_ids(reference.tokenizer)).scores[:, j].astype(np.float64)
