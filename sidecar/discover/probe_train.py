@@ -124,6 +124,13 @@ def activations(
     )
 
 
+def data_key(sequences: Sequence[list[int]], prompt_lengths: Sequence[int]) -> str:
+    """What a cache of activations was computed on: the token ids and the prompt lengths."""
+    digest = hashlib.sha256(json.dumps([list(map(int, t)) for t in sequences]).encode())
+    digest.update(json.dumps(list(map(int, prompt_lengths))).encode())
+    return digest.hexdigest()
+
+
 def cached_activations(
     cache: Path | None,
     model,
@@ -133,20 +140,22 @@ def cached_activations(
     sites: Sequence[Site],
     token_sites: Sequence[Site] = (),
 ) -> Activations:
-    """``activations``, kept in ``cache`` (safetensors) under a hash of the token ids and
-    sites, so that a re-run with other roles, L2, aggregations or choice skips the forward
-    passes."""
+    """``activations``, kept in ``cache`` (safetensors, with the ``data_key`` and the sites it
+    holds), so that a re-run with other roles, L2, aggregations, choice, or a subset of the
+    sites skips the forward passes."""
     args = (model, tokenizer, sequences, prompt_lengths, sites, token_sites)
     if cache is None:
         return activations(*args)
-    digest = hashlib.sha256(json.dumps([list(map(int, t)) for t in sequences]).encode())
-    digest.update(json.dumps(list(map(int, prompt_lengths))).encode())
-    digest.update(" ".join(s.name for s in sites).encode())
-    digest.update(("|" + " ".join(s.name for s in token_sites)).encode())
-    key = digest.hexdigest()
+    key = data_key(sequences, prompt_lengths)
     if cache.is_file():
         with safe_open(str(cache), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
+            meta = f.metadata() or {}
+            held = set(meta.get("sites", "").split()), set(meta.get("token_sites", "").split())
+            if (
+                meta.get("key") == key
+                and {s.name for s in sites} <= held[0]
+                and {s.name for s in token_sites} <= held[1]
+            ):
                 return Activations(
                     {(s, p): f.get_tensor(f"{s.name}|{p}") for s in sites for p in POSITIONS},
                     {s: f.get_tensor(f"{s.name}|tokens") for s in token_sites},
@@ -155,7 +164,9 @@ def cached_activations(
     cache.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{s.name}|{p}": x.contiguous() for (s, p), x in found.pooled.items()}
     tensors |= {f"{s.name}|tokens": x.contiguous() for s, x in found.tokens.items()}
-    save_file(tensors, str(cache), metadata={"key": key})
+    names = {"sites": " ".join(s.name for s in sites)}
+    names["token_sites"] = " ".join(s.name for s in token_sites)
+    save_file(tensors, str(cache), metadata={"key": key, **names})
     return found
 
 
@@ -297,7 +308,7 @@ def plot(rows: Sequence[ProbeRow], fpr: float, folder: Path) -> list[Path]:
     ]
     paths = []
     for field, title, name in panels:
-        figure, axis = plt.subplots(figsize=(7, 4))
+        figure, axis = plt.subplots(figsize=(9, 4))
         for kind in kinds:
             for position in dict.fromkeys(r.position for r in rows):
                 line = sorted(
@@ -316,7 +327,7 @@ def plot(rows: Sequence[ProbeRow], fpr: float, folder: Path) -> list[Path]:
         axis.set_xlabel("layer")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         figure.tight_layout()
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)

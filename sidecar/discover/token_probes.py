@@ -66,6 +66,7 @@ class TokenTable:
     labels: torch.Tensor  # bool [tokens]
     starts: np.ndarray  # int [requests]: where each request's tokens begin
     prompt_lengths: np.ndarray  # int [requests]
+    shared_prefix: int  # leading tokens every request has (a chat template's system prompt)
 
     def request_of(self, total: int) -> np.ndarray:
         """int [tokens]: the request each token belongs to."""
@@ -75,10 +76,15 @@ class TokenTable:
 def token_table(examples: Sequence[Example], tokenizer) -> TokenTable:
     labels = [e.token_labels(tokenizer) for e in examples]
     lengths = np.array([len(t) for t in labels])
+    prompts = [e.token_ids(tokenizer) for e in examples]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
     return TokenTable(
         labels=torch.from_numpy(np.concatenate(labels).astype(bool)),
         starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
-        prompt_lengths=np.array([len(e.token_ids(tokenizer)) for e in examples]),
+        prompt_lengths=np.array([len(p) for p in prompts]),
+        shared_prefix=shared,
     )
 
 
@@ -95,9 +101,15 @@ def token_probes(
 ) -> list[Probe]:
     """Fit one probe on the training requests' tokens; one row per aggregation of its scores
     over each request's prompt."""
-    train = torch.from_numpy(roles[table.request_of(len(x))] == "train")
+    request = table.request_of(len(x))
+    train = roles[request] == "train"
+    # The shared prefix's activations are the same in every request (causal attention): one
+    # copy trains, instead of one per request.
+    prefix = np.arange(len(x)) - table.starts[request] < table.shared_prefix
+    train &= ~prefix | (request == np.flatnonzero(roles == "train")[0])
+    train = torch.from_numpy(train)
     weight, bias = fit_logistic(x[train], table.labels[train], l2)
-    scores = (x.double() @ weight.double() + bias).numpy()
+    scores = (x @ weight).double().numpy() + bias
     prompts = [
         scores[start : start + length]
         for start, length in zip(table.starts, table.prompt_lengths, strict=True)
