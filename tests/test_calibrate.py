@@ -17,6 +17,7 @@ from sidecar.discover.calibrate import (
     threshold_at_fpr,
     wilson_interval,
 )
+from sidecar.discover.probe_train import aggregation_of
 from sidecar.discover.scorer import ReferenceScorer
 from sidecar.models.registry import model_path
 from sidecar.spec.aggregation import aggregate
@@ -25,7 +26,9 @@ from sidecar.spec.load import load_spec
 from sidecar.spec.schema import Aggregation, AggregationKind
 from sidecar.spec.writer import CircuitEntry, ComponentEntry, write_spec
 
-BUNDLED = Path(__file__).resolve().parents[1] / "sidecar" / "models" / "smollm2_harm_spec"
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "sidecar" / "models" / "smollm2_harm_spec"
+REPORT = ROOT / "benchmarks" / "results" / "harm-probe-smollm2"
 
 
 def test_threshold_leaves_at_most_the_target_share_above():
@@ -144,8 +147,10 @@ def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
     agg = circuit.aggregation
     harmful = aggregates(datasets.harmbench()[:16])
     benign = aggregates(datasets.composed_benign("test", 6) + datasets.twin_benign("test")[:6])
-    # At its calibrated threshold the bundled probe flags about two fifths of HarmBench and
+    # At its calibrated threshold the bundled probe flags about three fifths of HarmBench and
     # about 5 % of held-out benign requests (see its report).
-    assert circuit.aggregation.kind is AggregationKind.LAST  # immune to prefix caching
+    report = json.loads((REPORT / "report.json").read_text())  # what probe-train chose
+    assert circuit.aggregation == aggregation_of(report["chosen"]["position"])
+    assert spec.components[0].site.name == report["chosen"]["site"]
     assert (harmful > threshold).sum() >= 2 and (benign > threshold).sum() <= 1
     assert harmful.mean() > benign.mean()

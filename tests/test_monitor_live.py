@@ -27,6 +27,7 @@ the uncached suffix only).
 from __future__ import annotations
 
 import random
+import shutil
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,10 @@ from smollm2_live import (
     records_for,
 )
 
+from sidecar.discover import datasets
+from sidecar.discover.calibrate import calibrate
 from sidecar.discover.datasets import composed_benign, harmbench, tricky_benign
+from sidecar.discover.engine_runs import LiveEngine
 from sidecar.models.registry import SMOLLM2_HARM_SPEC
 from sidecar.protocol.batch import PROMPT
 from sidecar.server.records import CLEAR, FLAGGED, VERDICTS, CollectingSink
@@ -189,3 +193,45 @@ def test_live_verdicts_equal_the_offline_reference(live, reference, spec):
     after = verdict_counts(live.metrics_url, circuit.name)
     for verdict in VERDICTS:
         assert after[verdict] - before[verdict] == sum(row[4] == verdict for row in rows)
+
+
+def test_calibrate_through_the_engine_sets_thresholds_on_live_aggregates(
+    live, reference, spec, tmp_path
+):
+    """``calibrate --engine`` on this module's engine: 12 benign chats set the threshold (FPR
+    0.1: one above it), 4 others check it. The threshold is one of the sidecar's live
+    aggregates, and within the bfloat16 tolerance of the offline reference's."""
+    circuit = live.circuit
+    folder = tmp_path / "spec"
+    shutil.copytree(SMOLLM2_HARM_SPEC.parent, folder)
+    benign = datasets.composed_benign("calibration", 12, seed=5)
+    benign_file = datasets.write_jsonl(tmp_path / "benign.jsonl", benign)
+    heldout_file = datasets.write_jsonl(tmp_path / "held.jsonl", datasets.twin_benign("test")[:4])
+    engine = LiveEngine(spec, openai_client(live.api), live.sink, SERVED_NAME)
+    path, rows = calibrate(
+        folder / "spec.yaml", benign_file, 0.1, heldout_path=heldout_file, engine=engine
+    )
+    calibrated = next(c for c in load_spec(path).circuits if c.name == circuit.name)
+    record = calibrated.calibration
+    assert record.data == "benign.jsonl (live engine)" and record.requests == 12
+    assert dict(record.achieved_fpr) == {"prompt": pytest.approx(1 / 12)}
+    (row,) = [r for r in rows if r.circuit == circuit.name]
+    assert row.heldout.requests == 4
+    threshold = calibrated.verdict_threshold(PHASE)
+
+    live_values = [
+        r.phase(PHASE).circuit(circuit.name).aggregate
+        for r in live.sink.records
+        if r.phase(PHASE) is not None
+    ]
+    # the spec keeps 6 significant digits
+    assert min(abs(v - threshold) for v in live_values) <= 1e-5 * max(1.0, abs(threshold))
+    j = [c.name for c in spec.circuits].index(circuit.name)
+    offline = [
+        reference.score(e.token_ids(reference.tokenizer)).scores[:, j].astype(np.float64)
+        for e in benign
+    ]
+    expected = sorted(aggregate(s, circuit.aggregation) for s in offline)[-2]
+    tolerance = aggregate_tolerance(circuit, float(np.concatenate(offline).std()))
+    print(f"\nlive threshold {threshold:.4g}, offline {expected:.4g}, tolerance {tolerance:.3g}")
+    assert abs(threshold - expected) <= tolerance

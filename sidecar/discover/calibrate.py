@@ -3,11 +3,18 @@
 Benign requests (JSONL, see ``datasets.read_jsonl``) run through the offline reference path
 (``ReferenceScorer``, the engine's rendering); each circuit's per-token scores in a phase
 become one number per request with the circuit's own aggregation (``spec.aggregation``,
-the definition the sidecar follows). The threshold is the smallest order statistic that
-leaves at most ``floor(fpr * n)`` requests strictly above it, so the FPR on the calibration
-data is at most the target. Thresholds are set for the prompt phase always, and for the
-generation phase only when every request carries generated text (a chat ending in an
-assistant message): without it there is nothing to calibrate the generation phase on.
+the definition the sidecar follows). With ``--engine`` they run instead through a live
+engine (vLLM's OpenAI server with the plugin, chats through the chat API, in the engine's
+default dtype) and a sidecar in this process, and the aggregates are the sidecar's own
+(``engine_runs.LiveEngine.aggregates``): the threshold is then set on exactly what the served
+monitor computes, rounding of a bfloat16 engine included.
+
+The threshold is the smallest order statistic that leaves at most ``floor(fpr * n)``
+requests strictly above it, so the FPR on the calibration data is at most the target.
+Thresholds are set for the prompt phase always, and for the generation phase only when
+every request carries generated text (a chat ending in an assistant message; with
+``--engine``: when ``--max-tokens`` >= 2, on the engine's own answers): without it there is
+nothing to calibrate the generation phase on.
 
 The spec is written back through ``write_spec`` with its components and directions
 unchanged and a ``Calibration`` record per circuit. Two checks, never used for the threshold,
@@ -29,6 +36,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -41,6 +49,9 @@ from sidecar.spec.identity import model_hash
 from sidecar.spec.load import load_spec
 from sidecar.spec.schema import PHASE_NAMES, Calibration, CircuitSpec
 from sidecar.spec.writer import CircuitEntry, ComponentEntry, write_spec
+
+if TYPE_CHECKING:
+    from sidecar.discover.engine_runs import LiveEngine
 
 Z_95 = 1.959964
 
@@ -177,24 +188,35 @@ def calibrate(
     out: str | Path | None = None,
     holdout_fraction: float = 0.0,
     seed: int = 0,
+    engine: LiveEngine | bool = False,
+    max_tokens: int = 1,
 ) -> tuple[Path, list[PhaseCalibration]]:
-    """Calibrate every circuit of the spec; returns (written spec path, report rows)."""
-    from sidecar.discover.scorer import ReferenceScorer
+    """Calibrate every circuit of the spec; returns (written spec path, report rows).
+    ``engine``: True starts a live engine for the requests, a ``LiveEngine`` uses that one."""
     from sidecar.models.registry import resolve_model
 
     spec = load_spec(spec_path)
     model_dir = resolve_model(model_dir or spec.model.name)
-    scorer = ReferenceScorer(spec, model_dir)
     benign = read_jsonl(benign_path)
+    groups = [benign] + ([read_jsonl(heldout_path)] if heldout_path else [])
+    if engine is True:
+        from sidecar.discover.engine_runs import live_engine
+
+        with live_engine(spec, Path(spec_path), model_dir) as live:
+            scored, *other = live.aggregates(spec, groups, max_tokens)
+    elif engine:
+        scored, *other = engine.aggregates(spec, groups, max_tokens)
+    else:
+        from sidecar.discover.scorer import ReferenceScorer
+
+        scorer = ReferenceScorer(spec, model_dir)
+        scored, *other = [phase_aggregates(spec, scorer, examples) for examples in groups]
     kept, held = split_holdout(len(benign), holdout_fraction, seed)
-    scored = phase_aggregates(spec, scorer, benign)
     values = {phase: table[kept] for phase, table in scored.items()}
     holdout_values = {phase: table[held] for phase, table in scored.items()} if held.size else {}
-    heldout_values = (
-        phase_aggregates(spec, scorer, read_jsonl(heldout_path)) if heldout_path else {}
-    )
+    heldout_values = other[0] if other else {}
     components, circuits = entries(spec)
-    data = Path(benign_path).name
+    data = Path(benign_path).name + (" (live engine)" if engine else "")
     if held.size:
         data += f" ({kept.size} of {len(benign)}, seed {seed}; {held.size} held out)"
     rows = []
@@ -249,6 +271,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heldout", help="other benign requests (JSONL) to check the FPR on: distribution shift"
     )
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="run the requests through a live vLLM engine with the plugin and take the "
+        "sidecar's aggregates (default: the offline reference path)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1,
+        help="--engine: tokens generated per request; >= 2 also calibrates the generation phase",
+    )
     parser.add_argument("--out", help="folder to write the calibrated spec to (default: in place)")
     parser.add_argument("--report", help="write the calibration report (JSON) here")
 
@@ -263,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         args.holdout_fraction,
         args.seed,
+        args.engine,
+        args.max_tokens,
     )
     for row in rows:
         line = (

