@@ -91,7 +91,9 @@ class SidecarProcess:
 
     def kill(self) -> None:
         self.process.kill()
-        self.process.wait(10)
+        # Generous: on a loaded 2-core machine a killed process has been seen to take over
+        # 10 s to be reaped (the 30-minute soak died on that once).
+        self.process.wait(120)
         self._log.close()
 
     def pause(self) -> None:
