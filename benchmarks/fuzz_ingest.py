@@ -1,7 +1,7 @@
 """Fuzzing the sidecar's gRPC ingest: hostile messages in, no crash, bounded memory.
 
     python -m benchmarks.fuzz_ingest --examples 1000000   # the dedicated run, ~20-40 min here
-    python -m benchmarks.fuzz_ingest --examples 1000000 --update-docs   # and BENCHMARKS.md
+    python -m benchmarks.fuzz_ingest --examples 1000000 --update-docs   # and RELIABILITY.md
     python -m benchmarks.fuzz_ingest --examples 3000 --output /tmp/f.json   # seconds (tests)
 
 Inputs come from ``benchmarks._fuzz_inputs`` (seeded; every kind of damage the issue lists).
@@ -50,6 +50,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks._common import (
+    RELIABILITY_MD,
     RESULTS_DIR,
     Table,
     load_note,
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         help="stop the in-process share after this long (the inputs run are reported)",
     )
     parser.add_argument(
-        "--update-docs", action="store_true", help="rewrite the fuzz section of BENCHMARKS.md"
+        "--update-docs", action="store_true", help="rewrite the fuzz section of RELIABILITY.md"
     )
     args = parser.parse_args(argv)
     command = "python -m benchmarks.fuzz_ingest " + " ".join(argv or sys.argv[1:])
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         table.print()
     if args.update_docs:
         body = "\n\n".join(f"**{t.title}**\n\n{t.markdown()}" for t in tables)
-        update_markdown_section("fuzz-ingest", f"`{command}`\n\n{body}")
+        update_markdown_section("fuzz-ingest", f"`{command}`\n\n{body}", RELIABILITY_MD)
     crashes = local.crashes + wire.crashes
     for sample in local.crash_samples:
         print(sample, file=sys.stderr)
