@@ -62,7 +62,7 @@ from sidecar.monitoring import (
     start_alertmanager,
     start_prometheus,
 )
-from sidecar.probe.config import ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
+from sidecar.probe.config import ENV_BUDGET, ENV_ENDPOINT, ENV_SAMPLE, ENV_SPEC
 from sidecar.server.anomaly import AnomalyConfig
 from sidecar.server.service import Sidecar
 from sidecar.spec.load import load_spec
@@ -228,6 +228,10 @@ def timeline(inputs, tmp_path_factory):
             env.setenv(ENV_SPEC, str(spec_path))
             env.setenv(ENV_ENDPOINT, sidecar.address)
             env.setenv(ENV_SAMPLE, "1.0")
+            # Every token on a CPU costs more than the default budget, which is what
+            # CircuitwatchProbeOverBudget says (tests/test_probe_budget_live.py, promtool);
+            # here only the anomaly alerts are under test, so the budget allows that cost.
+            env.setenv(ENV_BUDGET, "1.0")
             started = time.monotonic()
             llm = LLM(model=str(model_dir), dtype="float32", max_model_len=1024, max_num_seqs=8,
                       gpu_memory_utilization=0.2, enable_prefix_caching=False, seed=0)  # fmt: skip
