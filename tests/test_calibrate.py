@@ -163,7 +163,7 @@ def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
     harmful = aggregates(datasets.harmbench()[:16])
     benign = aggregates(datasets.composed_benign("test", 6) + datasets.twin_benign("test")[:6])
     # At its calibrated threshold the bundled probe flags about three fifths of HarmBench and
-    # about 5 % of held-out benign requests (see its report).
+    # a few per cent of held-out benign requests (see its report).
     report = json.loads((REPORT / "report.json").read_text())  # what probe-train chose
     assert circuit.aggregation == aggregation_of(report["chosen"]["position"])
     assert spec.components[0].site.name == report["chosen"]["site"]
