@@ -53,16 +53,31 @@ def test_wilson_interval_matches_hand_computed_values():
 
 
 def test_split_holdout_is_a_seeded_partition():
-    kept, held = split_holdout(440, 0.5, 0)
+    groups = ["plain"] * 320 + ["twin"] * 120
+    kept, held = split_holdout(groups, 0.5, 0)
     assert kept.size == held.size == 220
     assert sorted([*kept, *held]) == list(range(440))  # disjoint, covers every request
-    again_kept, again_held = split_holdout(440, 0.5, 0)
+    again_kept, again_held = split_holdout(groups, 0.5, 0)
     assert np.array_equal(kept, again_kept) and np.array_equal(held, again_held)
-    assert not np.array_equal(held, split_holdout(440, 0.5, 1)[1])  # the seed matters
+    assert not np.array_equal(held, split_holdout(groups, 0.5, 1)[1])  # the seed matters
     assert held.tolist() != list(range(220))  # random, not the file's first half
-    assert split_holdout(10, 0.0, 0)[1].size == 0 and split_holdout(7, 0.3, 0)[1].size == 2
+    assert split_holdout(["a"] * 10, 0.0, 0)[1].size == 0
+    assert split_holdout(["a"] * 7, 0.3, 0)[1].size == 2
     with pytest.raises(ValueError):
-        split_holdout(10, 1.0, 0)
+        split_holdout(["a"] * 10, 1.0, 0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_holdout_keeps_each_source_in_the_same_share(seed):
+    # The bundled monitor's calibration file: 320 plain benign requests, then 120 twins whose
+    # scores hold the whole upper tail. An unstratified half (seed 0) kept 53 twins and held
+    # out 67, so the threshold set on one half flagged 5 % of the other; both halves must
+    # hold 60 twins whatever the seed.
+    groups = ["benign/calibration"] * 320 + ["twin/calibration"] * 120
+    kept, held = split_holdout(groups, 0.5, seed)
+    twins = np.arange(320, 440)
+    assert np.isin(twins, kept).sum() == np.isin(twins, held).sum() == 60
+    assert kept.size == held.size == 220
 
 
 def _probe_spec(folder: Path) -> Path:
@@ -93,7 +108,7 @@ def test_calibrate_sets_thresholds_and_records_where_they_came_from(tmp_path):
     argv = ["calibrate", "--spec", str(spec_path), "--benign", str(benign_file), "--fpr", "0.1"]
     argv += ["--holdout-fraction", str(4 / 14), "--seed", "3"]  # 10 calibrate, 4 held out
     assert main([*argv, "--heldout", str(heldout_file), "--report", str(report)]) == 0
-    kept, held = split_holdout(14, 4 / 14, 3)
+    kept, held = split_holdout([e.source for e in benign], 4 / 14, 3)
 
     spec = load_spec(spec_path, model_path("smollm2"))
     (circuit,) = spec.circuits
@@ -148,7 +163,7 @@ def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
     harmful = aggregates(datasets.harmbench()[:16])
     benign = aggregates(datasets.composed_benign("test", 6) + datasets.twin_benign("test")[:6])
     # At its calibrated threshold the bundled probe flags about three fifths of HarmBench and
-    # about 5 % of held-out benign requests (see its report).
+    # a few per cent of held-out benign requests (see its report).
     report = json.loads((REPORT / "report.json").read_text())  # what probe-train chose
     assert circuit.aggregation == aggregation_of(report["chosen"]["position"])
     assert spec.components[0].site.name == report["chosen"]["site"]

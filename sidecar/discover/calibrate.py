@@ -20,9 +20,10 @@ The spec is written back through ``write_spec`` with its components and directio
 unchanged and a ``Calibration`` record per circuit. Two checks, never used for the threshold,
 each reported as an FPR with its 95 % Wilson interval:
 
-- ``--holdout-fraction`` holds out a seeded random share of ``--benign`` (same distribution
-  as the calibration requests): this measures calibration error, and the calibration holds
-  (``within_tolerance``) when that interval contains the target;
+- ``--holdout-fraction`` holds out a seeded random share of each source of ``--benign``
+  (stratified: same distribution as the calibration requests): this measures calibration
+  error, and the calibration holds (``within_tolerance``) when that interval contains the
+  target;
 - ``--heldout`` scores another benign file (other templates or topics): this measures how
   the threshold transfers across benign traffic (distribution shift), a robustness figure.
 """
@@ -90,13 +91,27 @@ def wilson_interval(flagged: int, requests: int, z: float = Z_95) -> RateInterva
     return RateInterval(p, max(0.0, centre - half), min(1.0, centre + half), flagged, requests)
 
 
-def split_holdout(requests: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration indices, held-out indices): a seeded random ``fraction`` held out, sorted."""
+def split_holdout(
+    groups: Sequence[str], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration indices, held-out indices), sorted: a seeded random ``fraction`` of each
+    group (a request's source) held out, so both parts hold every group in the same share.
+
+    Stratified because benign sources differ most in their upper tails, which set a 1 %
+    threshold: an unstratified half of 440 requests once kept 53 of 120 harmful-topic twins
+    and held out 67, and the twins held all 13 scores above the threshold it set."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"the held-out fraction must be in [0, 1) (got {fraction})")
-    order = np.random.default_rng(seed).permutation(requests)
-    held = round(fraction * requests)
-    return np.sort(order[held:]), np.sort(order[:held])
+    labels = np.asarray(groups, dtype=object)
+    rng = np.random.default_rng(seed)
+    kept, held = [], []
+    for group in sorted(set(labels.tolist()), key=str):
+        members = rng.permutation(np.flatnonzero(labels == group))
+        count = round(fraction * members.size)
+        held.append(members[:count])
+        kept.append(members[count:])
+    empty = [np.zeros(0, dtype=np.int64)]
+    return np.sort(np.concatenate(kept + empty)), np.sort(np.concatenate(held + empty))
 
 
 def _rate(scores: np.ndarray, threshold: float) -> RateInterval:
@@ -211,7 +226,7 @@ def calibrate(
 
         scorer = ReferenceScorer(spec, model_dir)
         scored, *other = [phase_aggregates(spec, scorer, examples) for examples in groups]
-    kept, held = split_holdout(len(benign), holdout_fraction, seed)
+    kept, held = split_holdout([e.source for e in benign], holdout_fraction, seed)
     values = {phase: table[kept] for phase, table in scored.items()}
     holdout_values = {phase: table[held] for phase, table in scored.items()} if held.size else {}
     heldout_values = other[0] if other else {}
@@ -265,7 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--holdout-fraction",
         type=float,
         default=0.0,
-        help="share of --benign held out (seeded random) to check the FPR on, same distribution",
+        help="share of each --benign source held out (seeded random, stratified) to check the "
+        "FPR on, same distribution",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --holdout-fraction split")
     parser.add_argument(
