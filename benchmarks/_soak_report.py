@@ -8,7 +8,6 @@ from benchmarks._common import REPO_ROOT, Spread, Table
 from benchmarks._sidecar_process import BATCHES, SCORED, TOKENS, total
 from benchmarks.soak import BIN_S, FLOW_WINDOW_S, FLOW_WINDOWS, SoakResult
 
-RELIABILITY_MD = REPO_ROOT / "RELIABILITY.md"
 _GAP_S = 5.0  # no reading for longer: the sidecar was down or stopped
 _FAULT_COLOURS = {"kill": "tab:red", "stop": "tab:orange"}
 

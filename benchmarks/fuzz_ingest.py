@@ -64,7 +64,7 @@ from sidecar.probe.host.channel import ChannelSecurity, open_channel
 from sidecar.protocol.batch import MAX_MESSAGE_BYTES
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2
 from sidecar.server.auth import IngestAuth
-from sidecar.server.ingest import IngestService, SenderDrops
+from sidecar.server.ingest import IngestService
 from sidecar.server.pipeline import Rejected
 from sidecar.server.service import Sidecar
 from sidecar.spec.load import load_spec
@@ -127,7 +127,7 @@ def fuzz_in_process(
     result = InProcess(examples=examples, max_requests=pipeline.requests.max_requests)
     by_kind = collections.defaultdict(collections.Counter)
     sample_every = max(1, examples // 20)
-    now, drops, source = 1000.0, SenderDrops(), 0
+    now, senders, source = 1000.0, set(), 0
     started = time.perf_counter()
     done = 0
     for i in range(examples):
@@ -135,8 +135,10 @@ def fuzz_in_process(
             break
         done = i + 1
         if i % STREAM_INPUTS == 0 and i:
-            pipeline.tick(now)
-            drops, source = SenderDrops(), source + 1
+            for engine_id in senders:  # the stream ends
+                service.engines.closed(engine_id, now)
+            service.tick(now)
+            senders, source = set(), source + 1
         if i % sample_every == 0:
             result.rss_mib.append((i, rss_mib()))
             if i and i % (sample_every * 2) == 0:
@@ -148,7 +150,7 @@ def fuzz_in_process(
         kind, raw = inputs.next()
         now += 0.001
         try:
-            service.accept(raw, drops, now, source)
+            service.accept(raw, now, senders, source)
             outcome = "accepted"
         except Rejected as error:
             outcome = f"rejected:{error.reason}"

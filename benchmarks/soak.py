@@ -521,8 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {output} and {png}")
     if args.update_docs:
-        from benchmarks._common import update_markdown_section
-        from benchmarks._soak_report import RELIABILITY_MD
+        from benchmarks._common import RELIABILITY_MD, update_markdown_section
 
         body = report_markdown(result, command, load, png)
         update_markdown_section(f"soak-{settings.model}", body, RELIABILITY_MD)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from test_server_grpc import SPEC_HASH, make_spec
 
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2
-from sidecar.server.ingest import IngestService, SenderDrops
+from sidecar.server.ingest import IngestService
 from sidecar.server.pipeline import Rejected
 from sidecar.server.service import Sidecar
 
@@ -41,16 +41,16 @@ class Handler:
         pipeline = self.sidecar.pipeline
         self.service = IngestService(pipeline, SPEC_HASH, pipeline.scorer.num_components)
         self.clock = itertools.count(1000.0, 0.01)
-        self.drops = SenderDrops()
+        self.senders: set[str] = set()  # one long stream's engine
 
     def outcome(self, raw: bytes) -> str:
         now = next(self.clock)
         try:
-            self.service.accept(raw, self.drops, now, source=int(now) % 3)
+            self.service.accept(raw, now, self.senders, source=int(now) % 3)
             outcome = "accepted"
         except Rejected as error:
             outcome = error.reason
-        self.sidecar.pipeline.tick(now)
+        self.service.tick(now)
         requests, joiner = self.sidecar.pipeline.requests, self.sidecar.pipeline.joiner
         assert len(requests) <= MAX_REQUESTS and len(joiner) <= joiner.max_pending
         assert joiner.pending_bytes <= joiner.max_pending_bytes

@@ -168,7 +168,7 @@ class IngestService:
         self, raw: bytes, now: float, senders: set[str] | None = None, source: int = 0
     ) -> None:
         """Decode, validate and process one message from ``source``; raises Rejected.
-        ``senders``: the engines of the stream so far, to which this message's is added."""
+        ``senders``: the engine of the stream so far (one at most), None: not tracked."""
         try:
             message = ingest_pb2.SampleBatch.FromString(raw)
         except DecodeError as error:
@@ -183,6 +183,12 @@ class IngestService:
         if not batch.is_status:
             metrics.model(model_name).batches.inc()
         if senders is not None and batch.engine_id not in senders:
+            if senders:  # one worker, one stream: a stream naming engine after engine is hostile
+                raise Rejected(
+                    "malformed",
+                    f"engine_id: {batch.engine_id[:64]!r} on a stream that carries engine "
+                    f"{next(iter(senders))[:64]!r}; a stream carries one engine",
+                )
             senders.add(batch.engine_id)
             self.engines.opened(batch.engine_id, batch.model_name, batch.world_size)
         pipeline.receive(batch)

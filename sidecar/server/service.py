@@ -37,8 +37,9 @@ first wherever one is reached, and what it held is counted as dropped):
                                  (``tp_join_overflow``)
 
 Other per-sender state is bounded where it lives: model names and drop reasons become
-label values only up to a fixed count (``metrics.BoundedLabel``), drop counters per stream
-(``ingest.SenderDrops``), component layouts (``scoring``).
+label values only up to a fixed count (``metrics.BoundedLabel``), the books to 1,024
+senders (``books``), engines to one per stream (``ingest.EngineStreams``), component
+layouts (``scoring``).
 """
 
 from __future__ import annotations
