@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from sidecar.protocol.batch import GENERATED, PROMPT, TokenBatch, to_message
+from sidecar.protocol.batch import GENERATED, PROMPT, ProbeOverhead, TokenBatch, to_message
 from sidecar.server.service import Sidecar
 from sidecar.spec.schema import (
     Aggregation,
@@ -82,6 +82,11 @@ def requests_batch(step: int, names: list[str], spec_hash: str = SPEC_HASH) -> T
         values=np.linspace(-1.0, 3.0, len(tokens), dtype=np.float32)[:, None],
         finished_request_ids=names,
         dropped_total={"queue_full": 4 * step},
+        # What the probe panels read: its cost, prefix-cached prompt tokens, its faults
+        # (counted from the second batch on, when the running total first grows).
+        overhead=ProbeOverhead(0.001 * step, 0.1 * step, 0.005, 1.0, 0.001),
+        prefix_cached_tokens={names[0]: 2},
+        probe_errors_total={"drain_collect": step - 1},
     )
 
 
