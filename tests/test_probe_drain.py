@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,12 @@ def test_concurrent_requests_with_one_caller_id_stay_apart():
     assert batch.request_ids == ["job", "job-0000000b"]
     assert batch.request_index.tolist() == [0, 0, 1, 1, 1]
     assert batch.finished_request_ids == ["job"]
+
+
+def test_a_status_message_names_the_probes_engine():
+    """The sidecar takes one engine per stream: a status message naming none would be
+    refused, and a probe turned off would never be reported."""
+    drain, _, _ = make_drain()
+    drain.identity = replace(drain.identity, engine_id="e1-dp0")
+    status = drain.empty()
+    assert status.is_status and status.engine_id == "e1-dp0"

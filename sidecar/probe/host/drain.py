@@ -230,6 +230,7 @@ class Drain:
             values=np.zeros((0, k.shape[0]), np.float32),
             rank=identity.rank,
             world_size=identity.world_size,
+            engine_id=identity.engine_id,
         )
 
 
