@@ -311,11 +311,14 @@ def test_the_in_graph_cost_counts_the_specs_flops_against_the_models():
     parameters = layers * per_layer + d + vocab * d * (1 if config["tie_word_embeddings"] else 2)
     lookup = 0 if config["tie_word_embeddings"] else vocab * d
     assert model_flops_per_token(config) == 2 * (parameters - lookup)
-    # 5 heads read by norm (2·64² + 2·64 each), one direction on the residual stream (2·256)
-    # and the sum of vLLM's hidden and residual there (256); 2 head sites and 1 residual site.
-    assert cost.probe_flops_per_token == 5 * (2 * dh * dh + 2 * dh) + 2 * d + d
+    # Layer 1's 4 heads by norm are adjacent but span 4 heads: a batched product over their
+    # own columns (2·64·64 each); layer 0's head 0 alone joins its site's one product (the
+    # same 2·64·64); one direction on the residual stream (2·256) and the sum of vLLM's
+    # hidden and residual there (256). Kernels: the position tap, 3 per site, 3 more for
+    # the batched norms, 1 for the residual sum.
+    assert cost.probe_flops_per_token == 5 * (2 * dh * dh) + 2 * d + d
     assert cost.share == cost.probe_flops_per_token / cost.model_flops_per_token
-    assert cost.kernels == 1 + 2 * (3 + 5) + (3 + 1)
+    assert cost.kernels == 1 + 3 * 3 + 3 + 1
     # A model this small (2.9 MFLOP per token) makes the spec cost 1.5%, above the default
     # budget: the probe says so loudly at start.
     assert cost.share > DEFAULT_BUDGET

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
 from sidecar.probe.graph.reduce import SiteReducer, SiteShard, float32_products
+from sidecar.spec.cost import probe_flops_per_token
+from sidecar.spec.identity import read_model_shape
+from sidecar.spec.load import load_spec
 from sidecar.spec.schema import Component, ComponentKind
-from sidecar.spec.sites import Site
+from sidecar.spec.sites import Site, SiteKind
 
 D_MODEL, N_HEADS, D_HEAD, T = 16, 4, 8, 7
 Z_SITE = Site.parse("blocks.0.attn.hook_z")
@@ -235,3 +242,39 @@ def test_bfloat16_products_stay_within_the_rounding_of_the_weights(tensors, floa
         error = (values[:, column].double() - truth).abs()
         assert (error <= bound + 1e-6).all(), (component.name, error.max(), bound.min())
         assert error.max() > 0  # the products really ran in bfloat16
+
+
+def test_the_specs_cost_estimate_counts_exactly_what_its_reducers_run():
+    """sidecar.spec.cost estimates a spec's in-graph FLOPs without torch; the reducers the
+    probe builds from the same spec on one rank run exactly that many (plus the sums of the
+    residual stream's two tensors, which are not the reducers')."""
+    shape = read_model_shape(REFERENCE_DIR)
+    weights = load_file(REFERENCE_DIR / "model.safetensors")
+    z0, z1 = Site(0, SiteKind.ATTN_Z), Site(1, SiteKind.ATTN_Z)
+    rng = np.random.default_rng(0)
+    extra = [  # far-apart norms with a head direction, a lone head direction, an MLP direction
+        Component("n0", ComponentKind.HEAD, z0, 0),
+        Component("n3", ComponentKind.HEAD, z0, 3),
+        Component("u1", ComponentKind.HEAD, z0, 1, rng.normal(size=shape.d_model), 0.5),
+        Component("u2", ComponentKind.HEAD, z1, 2, rng.normal(size=shape.d_model)),
+        Component("m", ComponentKind.DIRECTION, Site(1, SiteKind.MLP_POST), None,
+                  rng.normal(size=shape.d_mlp)),
+    ]  # fmt: skip
+    reference = load_spec(REFERENCE_SPEC)
+    for spec in (reference, replace(reference, components=tuple(extra))):
+        run = 0
+        for site in spec.sites:
+            width = shape.width(site)
+            heads = site.kind is SiteKind.ATTN_Z
+            shard = SiteShard(
+                width,
+                slice(0, width),
+                site.kind is SiteKind.RESID_POST,
+                range(shape.n_heads) if heads else range(0),
+                shape.d_head,
+                weights[f"model.layers.{site.layer}.self_attn.o_proj.weight"] if heads else None,
+            )
+            components = [(i, c) for i, c in enumerate(spec.components) if c.site == site]
+            run += SiteReducer(components, shard).product_flops
+        sums = sum(shape.d_model for s in spec.sites if s.kind is SiteKind.RESID_POST)
+        assert probe_flops_per_token(spec, shape) == run + sums

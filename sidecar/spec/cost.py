@@ -3,20 +3,24 @@
 The probe's in-graph work cannot be timed per step without a device sync, so it is
 estimated once, at start, against the model it rides on:
 
-FLOPs per token (the physical limit of a probe): a direction over a site of width w costs
-2·w; a head read by norm 2·d_head² + 2·d_head (z_h·G_h with its Gram matrix
-G_h = W_O_hᵀW_O_h, then the dot product with z_h: the squared norm of its contribution); a
-head with a direction 2·d_head (folded into one row at load time); a residual-stream site
-adds d_model for the sum of vLLM's hidden and residual tensors. The model costs about 2·N,
-N its parameters without the input embedding table (a lookup, not a product; with tied
-embeddings the same table is also the output projection, which is a product); attention
-over the context is left out.
+FLOPs per token (the physical limit of a probe): exactly what ``sidecar.probe.graph.reduce``
+runs, because both take the shape of each site's products from ``product_plan`` here: one
+product over the span of columns the site's components read, plus a batched product for
+heads read by norm when they are too far apart to join it (``NORM_WASTE``). A direction over
+a site of width w costs 2·w; a head with a direction 2·d_head (folded into one column at
+load time) when alone, more when the product spans other heads; a head read by norm
+2·d_head·r (its triangular factor, r = d_head). A residual-stream site adds d_model for the
+sum of vLLM's hidden and residual tensors. The model costs about 2·N, N its parameters
+without the input embedding table (a lookup, not a product; with tied embeddings the same
+table is also the output projection, which is a product); attention over the context is
+left out.
 
 Kernels per forward (what costs time on small batches, where launches rather than FLOPs
-dominate): ``KERNELS_PER_SITE`` for each tapped site (its product, the cast to float32
-and the store into its buffer), ``KERNELS_PER_NORM_SITE`` more where heads are read by
-norm, one per residual-stream site for the sum, and one for the position tap. An estimate
-from the structure of ``sidecar.probe.graph.reduce``; the compiler may fuse some of them.
+dominate): ``KERNELS_PER_SITE`` for each tapped site (its product, the bias and the store
+into the shared buffer), ``KERNELS_PER_NORM_SITE`` more where heads read by norm get their
+own product, one per residual-stream site for the sum, and one for the position tap. An
+estimate from the structure of the reducer; the compiler may fuse some of them
+(``python -m benchmarks.tap_kernels`` counts what it launches).
 
 Plain arithmetic on the spec and the model's config (no torch): the sidecar, the probe and
 the benchmarks share it.
@@ -29,11 +33,58 @@ from dataclasses import dataclass
 
 from sidecar.spec.identity import ModelShape, shape_from_config
 from sidecar.spec.schema import CircuitSpec, ComponentKind
-from sidecar.spec.sites import SiteKind
+from sidecar.spec.sites import Site, SiteKind
 
 KERNELS_PER_SITE = 3
-KERNELS_PER_NORM_SITE = 5  # select the heads, the Gram product, multiply, sum, square root
+KERNELS_PER_NORM_SITE = 3  # select the heads, their batched product, the root of the squares
 _RESID_SUMMED = (SiteKind.RESID_POST, SiteKind.RESID_PRE)
+
+# How many times their own multiply-adds head norms may cost inside a site's one product
+# before they get a batched product of their own (one kernel more, see the module docstring).
+# 1: no wasted arithmetic, which is what counts on a CPU; where kernel launches cost more
+# than arithmetic (a GPU at small batches) 2 or more would trade FLOPs for a launch.
+NORM_WASTE = 1
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ProductPlan:
+    """The products that read one site's components out (on one rank): the columns
+    ``lo:hi`` of the site times ``columns`` weight columns, and, unless the norms joined
+    that product, a batched product per head read by norm, [d_head] x [d_head, norm_width]."""
+
+    lo: int
+    hi: int
+    columns: int
+    norms_joined: bool
+    batched_norms: int
+    d_head: int
+    norm_width: int
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds x 2 of the products, per token."""
+        own = self.batched_norms * self.d_head * self.norm_width
+        return 2 * ((self.hi - self.lo) * self.columns + own)
+
+
+def product_plan(
+    others: list[Span], norm_heads: list[Span], d_head: int, d_model: int
+) -> ProductPlan:
+    """How to read a site out: ``others`` the column spans of its one-column components
+    (directions, heads with a direction), ``norm_heads`` the spans of its heads read by norm.
+
+    The norms join the one product when its span costs them at most ``NORM_WASTE`` times
+    their own multiply-adds; each then adds ``norm_width`` columns (its factor's rows).
+    """
+    norm_width = min(d_head, d_model)
+    joined = _span(others + norm_heads)
+    norms_joined = bool(norm_heads) and joined[1] - joined[0] <= NORM_WASTE * d_head
+    lo, hi = joined if norms_joined else _span(others)
+    columns = len(others) + (len(norm_heads) * norm_width if norms_joined else 0)
+    batched = 0 if norms_joined else len(norm_heads)
+    return ProductPlan(lo, hi, columns, norms_joined, batched, d_head, norm_width)
 
 
 @dataclass(frozen=True)
@@ -56,23 +107,30 @@ def graph_cost(spec: CircuitSpec, config: dict) -> GraphCost:
     kernels = 1  # the position tap
     for site in spec.sites:
         kernels += KERNELS_PER_SITE + (site.kind in _RESID_SUMMED)
-        if any(_by_norm(c) for c in spec.components if c.site == site):
+        if _site_plan(spec, site, shape).batched_norms:
             kernels += KERNELS_PER_NORM_SITE
     return GraphCost(probe_flops_per_token(spec, shape), model_flops_per_token(config), kernels)
 
 
 def probe_flops_per_token(spec: CircuitSpec, shape: ModelShape) -> float:
-    """FLOPs per token the spec's components need (the formulas in the module docstring)."""
-    flops = 0.0
+    """FLOPs per token of the spec's products on one rank holding the whole model, and of
+    the residual-stream sums (see the module docstring)."""
+    flops = sum(_site_plan(spec, site, shape).flops for site in spec.sites)
+    return float(flops + sum(shape.d_model for s in spec.sites if s.kind in _RESID_SUMMED))
+
+
+def _site_plan(spec: CircuitSpec, site: Site, shape: ModelShape) -> ProductPlan:
+    others: list[Span] = []
+    norm_heads: list[Span] = []
     for component in spec.components:
-        if _by_norm(component):
-            flops += 2 * shape.d_head * shape.d_head + 2 * shape.d_head
-        elif component.kind is ComponentKind.HEAD:
-            flops += 2 * shape.d_head
+        if component.site != site:
+            continue
+        if component.kind is ComponentKind.HEAD:
+            span = (component.head * shape.d_head, (component.head + 1) * shape.d_head)
+            (norm_heads if component.direction is None else others).append(span)
         else:
-            flops += 2 * shape.width(component.site)
-    flops += sum(shape.d_model for s in spec.sites if s.kind in _RESID_SUMMED)
-    return flops
+            others.append((0, shape.width(site)))
+    return product_plan(others, norm_heads, shape.d_head, shape.d_model)
 
 
 def model_flops_per_token(config: dict) -> float:
@@ -110,5 +168,6 @@ def llama_weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _by_norm(component) -> bool:
-    return component.kind is ComponentKind.HEAD and component.direction is None
+def _span(spans: list[Span]) -> Span:
+    """The columns from the first to the last of ``spans``; (0, 0) when there are none."""
+    return min((lo for lo, _ in spans), default=0), max((hi for _, hi in spans), default=0)

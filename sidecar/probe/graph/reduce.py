@@ -16,10 +16,12 @@ reads, a view of ``x``: a site read by heads only never touches the rest of the 
 
 A head's d_head norm columns are zero outside its own d_head features, so in one product
 with other columns they cost span / d_head times their own multiply-adds. They join the
-product while that is at most ``NORM_WASTE`` times (at 1: a single head read by norm, alone
-or with directions through the same head); otherwise (several heads, or a direction over the
-whole site) they get a second, batched product over the heads alone, ``z_h @ R_h^T`` for
-each, as cheap as the arithmetic allows. ``product_flops`` counts what a reducer runs.
+product while that is at most ``NORM_WASTE`` times (``sidecar.spec.cost``, which plans
+each site's products for the reducer and the cost estimate alike; at 1: a single head read
+by norm, alone or with directions through the same head); otherwise (several heads, or a
+direction over the whole site) they get a second, batched product over the heads alone,
+``z_h @ R_h^T`` for each, as cheap as the arithmetic allows. ``product_flops`` counts what
+a reducer runs.
 
 Precision: the product runs in the activation's dtype (the model's) with ``weight`` stored
 in it, accumulating in float32 (``torch.mm(..., out_dtype=float32)`` where the backend has
@@ -52,6 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sidecar.spec.cost import product_plan
 from sidecar.spec.schema import Component, ComponentKind
 
 
@@ -78,13 +81,6 @@ class ReducerLayout:
 
     component_ids: tuple[int, ...]  # spec index of each output column
     shipped: tuple[int, ...]  # output columns this rank ships (owned by it)
-
-
-# How many times their own multiply-adds head norms may cost inside a site's one product
-# before they get a batched product of their own (one kernel more, see the module docstring).
-# 1: no wasted arithmetic, which is what counts on a CPU; where kernel launches cost more
-# than arithmetic (a GPU at small batches) 2 or more would trade FLOPs for a launch.
-NORM_WASTE = 1
 
 
 class SiteReducer(nn.Module):
@@ -134,14 +130,15 @@ class SiteReducer(nn.Module):
         factors = [_norm_factor(h, shard) for _, h in norms]
         others = [s for _, _, _, s in linear] + [everywhere] * len(partial)
         heads = [_head_span(h, shard) for _, h in norms]
-        joined = _span(others + heads)
-        self.norms_joined = bool(norms) and joined[1] - joined[0] <= NORM_WASTE * shard.d_head
+        d_model = shard.o_proj_weight.shape[0] if shard.o_proj_weight is not None else 0
+        plan = product_plan(others, heads, shard.d_head, d_model)
+        self.norms_joined = plan.norms_joined
         rows = [r for _, r, _, _ in linear]
         if self.norms_joined:
             for (_, h), factor in zip(norms, factors, strict=True):
                 rows += list(_placed(factor, h, shard))
         rows += [r for _, r, _ in partial]
-        self.lo, self.hi = joined if self.norms_joined else _span(others)
+        self.lo, self.hi = plan.lo, plan.hi
         self.narrow = (self.lo, self.hi) != everywhere
         self.all_reduce = all_reduce
         self.float32_out = float32_out and dtype != torch.float32
@@ -175,7 +172,8 @@ class SiteReducer(nn.Module):
 
     @property
     def product_flops(self) -> int:
-        """Multiply-adds x 2 of the products, per token."""
+        """Multiply-adds x 2 of the products, per token, counted from the weights they run
+        (``sidecar.spec.cost`` predicts it from the plan, without torch)."""
         return 2 * (self.weight.numel() + self.factors.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,11 +225,6 @@ def float32_products(dtype: torch.dtype, device: torch.device) -> bool:
 
 def _head_span(local: int, shard: SiteShard) -> tuple[int, int]:
     return local * shard.d_head, (local + 1) * shard.d_head
-
-
-def _span(spans: list[tuple[int, int]]) -> tuple[int, int]:
-    """The columns from the first to the last of ``spans``; (0, 0) when there are none."""
-    return min((lo for lo, _ in spans), default=0), max((hi for _, hi in spans), default=0)
 
 
 def _head_row(component: Component, local: int, shard: SiteShard) -> torch.Tensor:
