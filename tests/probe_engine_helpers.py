@@ -330,6 +330,63 @@ def host_ring_pinned(worker) -> bool:
     return ring.values.is_pinned() and ring.positions.is_pinned()
 
 
+def pin_level(worker, level: float) -> bool:
+    """Run on a worker (``collective_rpc``): hold the latency budget's sampling level at
+    ``level`` from now on, whatever the probe costs."""
+    from sidecar.probe import vllm_internals
+
+    budget = vllm_internals.attached_probe(worker).budget
+    budget.adaptive = False
+    budget.level = level
+    return True
+
+
+def watch_collect(worker, forbid_syncs: bool = False) -> bool:
+    """Run on a worker (``collective_rpc``): from now on, after every ``Drain.collect`` of a
+    step with tokens, compare each request's first position in the positions buffer (read
+    with a sync, after collect) with the layout's ``num_computed``, which the budget's row
+    choice reads instead. With ``forbid_syncs``, collect itself runs under
+    ``torch.cuda.set_sync_debug_mode("error")``: a host-device sync in it (``.item()``,
+    ``.cpu()``, ``torch.cuda.synchronize``, a blocking copy) raises, which turns the probe
+    off (its status says ``drain_collect``). ``unwatch_collect`` ends it."""
+    from sidecar.probe import vllm_internals
+
+    drain = vllm_internals.attached_probe(worker).drain
+    collect = drain.collect
+    seen = {"steps": 0, "mismatched": 0}
+
+    def watched(step, layout, finished, prefix_cached=None, level=1.0):
+        if forbid_syncs:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = collect(step, layout, finished, prefix_cached, level)
+        finally:
+            if forbid_syncs:
+                torch.cuda.set_sync_debug_mode("default")
+        if layout.num_tokens:
+            positions = drain.taps.positions.positions.cpu().numpy()  # a sync: after collect
+            firsts = positions[np.cumsum(layout.num_scheduled) - layout.num_scheduled]
+            seen["steps"] += 1
+            seen["mismatched"] += int(not np.array_equal(firsts, layout.num_computed))
+        return pending
+
+    def stop() -> tuple[int, int]:
+        drain.collect = collect
+        return seen["steps"], seen["mismatched"]
+
+    watched.stop = stop
+    drain.collect = watched
+    return True
+
+
+def unwatch_collect(worker) -> tuple[int, int]:
+    """Run on a worker: end ``watch_collect``; (steps checked, steps whose layout did not say
+    where a request started)."""
+    from sidecar.probe import vllm_internals
+
+    return vllm_internals.attached_probe(worker).drain.collect.stop()
+
+
 COMPONENTS = [
     {"name": "l0h1", "kind": "head", "site": "blocks.0.attn.hook_z", "head": 1},
     {"name": "l1h0", "kind": "head", "site": "blocks.1.attn.hook_z", "head": 0},

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 from test_probe_drain import make_drain, run_step
 
@@ -34,7 +36,10 @@ from sidecar.spec.load import load_spec
 
 
 def one_request_step(request_id: str, prompt_len: int, positions: list[int]):
-    layout = StepLayout([request_id], np.array([len(positions)]), np.array([prompt_len]))
+    """A step of one request's consecutive ``positions``, and those positions."""
+    layout = StepLayout(
+        [request_id], np.array([len(positions)]), np.array([prompt_len]), np.array(positions[:1])
+    )
     return layout, np.array(positions)
 
 
@@ -47,7 +52,7 @@ def kept_positions(sampler: SpreadSample, request_id: str, prompt_len: int, tota
         n = min(chunk, prompt_len - position) if position < prompt_len else 1
         chunk_positions = list(range(position, position + n))
         layout, positions = one_request_step(request_id, prompt_len, chunk_positions)
-        kept.extend(positions[sampler.select(layout, positions, level)])
+        kept.extend(positions[sampler.select(layout, level)])
         position += n
     return np.array(kept, dtype=np.int64)
 
@@ -89,7 +94,7 @@ def test_the_walk_over_a_chunk_keeps_what_the_per_token_rule_keeps():
         x = positions.astype(np.float64)
         rate = np.where(x < prompt_len, max(level, 1 / prompt_len), level)
         expected = np.flatnonzero(np.floor((x + 1) * rate + start) > np.floor(x * rate + start))
-        np.testing.assert_array_equal(sampler.select(layout, positions, level), expected)
+        np.testing.assert_array_equal(sampler.select(layout, level), expected)
 
 
 def test_no_request_is_starved_and_a_request_gets_its_share_exactly():
@@ -114,8 +119,53 @@ def test_a_tokens_fate_does_not_depend_on_how_the_steps_cut_the_request():
     # Requests sharing a step are each sampled on their own positions.
     layout = StepLayout(["x-1", "y-2"], np.array([3, 1]), np.array([64, 4]))
     positions = np.array([10, 11, 12, 30])
-    kept = sampler.select(layout, positions, 1.0)
+    kept = sampler.select(layout, 1.0, positions)
     assert kept.tolist() == [0, 1, 2, 3]
+
+
+def test_rows_chosen_from_the_layout_are_those_the_positions_would_choose():
+    """Where each request starts in the step, read from the scheduler's output on the host
+    (what a GPU engine uses: no read of device memory), keeps exactly the rows that reading
+    the positions the model saw keeps; positions given with such a layout are not read."""
+    rng = np.random.default_rng(2)
+    sampler = SpreadSample()
+    kept = 0
+    for i in range(300):
+        r = int(rng.integers(1, 12))
+        scheduled, prompt_lens = rng.integers(1, 40, size=r), rng.integers(1, 100, size=r)
+        computed = rng.integers(0, 150, size=r)
+        ids = [f"q{i}-{j}" for j in range(r)]
+        level = float(rng.choice([0.5, 0.3, 0.1, MIN_LEVEL]))
+        padding = np.zeros(int(rng.integers(0, 8)), np.int64)
+        positions = np.concatenate(
+            [np.arange(c, c + n) for c, n in zip(computed, scheduled, strict=True)] + [padding]
+        )
+        layout = StepLayout(ids, scheduled, prompt_lens, computed)
+        from_layout = sampler.select(layout, level)
+        from_positions = sampler.select(replace(layout, num_computed=None), level, positions)
+        np.testing.assert_array_equal(from_layout, from_positions)
+        np.testing.assert_array_equal(sampler.select(layout, level, positions + 7), from_layout)
+        kept += from_layout.shape[0]
+    assert kept > 300  # the comparisons were about rows, not only empty selections
+    with pytest.raises(ValueError, match="num_computed or the positions"):
+        sampler.select(replace(layout, num_computed=None), 0.5)
+
+
+def test_the_drain_chooses_rows_from_the_layout_not_from_the_positions_buffer():
+    """On a GPU the positions buffer is device memory: the drain must not read it to choose."""
+    drain, taps, _ = make_drain()
+    # "a" generates at 20..24; "b" starts its 3-token prompt, so it keeps one prompt token.
+    layout = StepLayout(
+        ["a-0000000a", "b-0000000b"], np.array([5, 3]), np.array([4, 3]), np.array([20, 0])
+    )
+    taps.positions.positions[:8] = torch.arange(200, 208)  # what the layout does not say
+    pending = drain.collect(1, layout, [], None, MIN_LEVEL)
+    expected = SpreadSample().select(layout, MIN_LEVEL)
+    assert 5 <= expected[-1] < 8  # b's prompt token
+    np.testing.assert_array_equal(pending.kept_rows(), expected)
+    buffer = taps.positions.positions.numpy()
+    from_buffer = SpreadSample().select(replace(layout, num_computed=None), MIN_LEVEL, buffer)
+    assert from_buffer.tolist() != expected.tolist()  # reading the buffer would differ
 
 
 def test_the_controller_halves_over_budget_grows_under_it_and_holds_between():
@@ -147,7 +197,7 @@ def test_the_budget_moves_the_level_per_window_and_reports_each_batchs_overhead(
     assert budget.take().step_seconds == 0.0  # taken once
     steps(budget, WINDOW_STEPS, 0.00001, 0.01, t)  # 0.1 %: under
     assert budget.level == 0.625
-    fixed = Budget(0.01, adaptive=False)  # tensor parallel, GPU: measured, not adapted
+    fixed = Budget(0.01, adaptive=False)  # tensor parallel: measured, not adapted
     steps(fixed, 4 * WINDOW_STEPS, 0.0005, 0.01)
     assert fixed.level == 1.0 and fixed.take().ratio == pytest.approx(0.05)
 
@@ -196,8 +246,10 @@ def test_below_level_one_the_drain_copies_only_the_rows_it_keeps():
     pending = run_step(drain, taps, 1, requests)  # level 1: every row
     assert pending.tokens == 7
     drain.resolve([pending])
-    layout = StepLayout(["a-0000000a", "b-0000000b"], np.array([6, 1]), np.array([6, 2]))
-    expected = SpreadSample().select(layout, np.array([*range(6), 5]), 0.25)
+    layout = StepLayout(
+        ["a-0000000a", "b-0000000b"], np.array([6, 1]), np.array([6, 2]), np.array([0, 5])
+    )
+    expected = SpreadSample().select(layout, 0.25)
     pending = drain_step_at(drain, taps, 2, requests, 0.25)
     assert 0 < pending.tokens == expected.shape[0] < 7  # the ring holds the kept rows only
     batch = drain.resolve([pending])
@@ -225,10 +277,9 @@ def test_a_step_left_with_no_rows_is_neither_copied_nor_queued_unless_a_request_
     drain, taps, _ = make_drain()
     # A generated token kept at 1/64 only at one position in 64: find two that are not.
     sampler = SpreadSample()
-    layout, _ = one_request_step("g-0000000a", 1, [0])
     skipped = [
         p for p in range(1, 200)
-        if not sampler.select(layout, np.array([p]), MIN_LEVEL).size
+        if not sampler.select(one_request_step("g-0000000a", 1, [p])[0], MIN_LEVEL).size
     ][:1]  # fmt: skip
     assert drain_step_at(drain, taps, 1, [("g-0000000a", 1, skipped)], MIN_LEVEL) is None
     finishing = drain_step_at(

@@ -6,7 +6,9 @@ One engine, with the default sampling policy (``CIRCUITWATCH_SAMPLE=1.0``, every
 pin the level at 1). Its budget is changed while it serves (``probe_set_budget``): loose, then
 tight (below what the probe costs at full sampling), then loose again. Under the tight budget
 the level must fall and the overhead measured after it settled must stay under the budget;
-under the loose one the level must come back to 1.
+under the loose one the level must come back to 1. Then, on the same engine: the row choice
+reads where each request starts in the step from the scheduler's output (so that a GPU
+engine need not read its positions), and that must be where the model's positions start.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from unittest import mock
 
 import pytest
-from probe_engine_helpers import generate, stop_engine
+from probe_engine_helpers import generate, stop_engine, unwatch_collect, watch_collect
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
@@ -139,3 +141,14 @@ def test_the_sampling_level_adapts_so_the_overhead_stays_under_the_budget(served
     print(f"budget {LOOSE}: overhead {overhead:.4f} at level {reading.level}")
     assert reading.level == 1.0 and overhead < LOOSE
     assert WINDOW_STEPS * 19 < SETTLE_ROUNDS * TOKENS  # the climb back fits in the settling
+
+
+def test_the_layout_says_where_each_request_starts_in_the_step(served):
+    """``StepLayout.num_computed`` (the scheduler's, on the host) is each request's first
+    position in the forward, in every step, prefill and decode."""
+    llm = served.llm
+    assert llm.collective_rpc(watch_collect) == [True]
+    generate(llm, served.prompts, max_tokens=12)
+    [(steps, mismatched)] = llm.collective_rpc(unwatch_collect)
+    print(f"\n{steps} steps checked, {mismatched} where the layout and the positions differ")
+    assert steps >= 2 and mismatched == 0

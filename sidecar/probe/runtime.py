@@ -158,7 +158,7 @@ class WorkerProbe:
         # Room for a few forwards' worth of steps while the shipper gathers and sends.
         ring_rows = RING_FORWARDS * engine.max_tokens_per_forward
         trace_parents = TraceParents()
-        budget = _budget(config, spec, engine, cuda=device.type == "cuda")
+        budget = _budget(config, spec, engine)
         drain = Drain(
             taps, identity, config.sample, drops, ring_rows, trace_parents.take, budget.take
         )
@@ -269,11 +269,15 @@ class WorkerProbe:
         )
 
 
-def _budget(config: ProbeConfig, spec: CircuitSpec, engine: EngineView, cuda: bool) -> Budget:
+def _budget(config: ProbeConfig, spec: CircuitSpec, engine: EngineView) -> Budget:
     """The probe's budget, its in-graph cost estimated from the spec and logged."""
     cost = graph_cost(spec, engine.hf_config)
     every_token = config.sample.fraction == 1.0  # asked for explicitly: never thinned
-    adaptive = engine.world_size == 1 and not cuda and not every_token
+    # Under tensor parallelism every rank ships its own columns of the same tokens, so all
+    # must keep the same rows; each rank times its own work, so each would pick its own
+    # level, and agreeing on one takes a cross-rank exchange that blocks the engine thread.
+    # There the level stays at 1. On a GPU it adapts: rows are chosen on the host (drain.py).
+    adaptive = engine.world_size == 1 and not every_token
     logger.info(
         "circuitwatch: in-graph cost estimate %.2g of the model's FLOPs per token "
         "(%.3g MFLOP probe, %.3g MFLOP model), about %d kernels per forward; budget %.3g "
@@ -285,7 +289,7 @@ def _budget(config: ProbeConfig, spec: CircuitSpec, engine: EngineView, cuda: bo
         config.budget,
         "adapts to it"
         if adaptive
-        else "fixed at 1 (every token asked for, tensor parallel or GPU: see budget.py)",
+        else "fixed at 1 (every token asked for, or tensor parallel: see budget.py)",
     )
     if cost.share > config.budget:
         logger.error(

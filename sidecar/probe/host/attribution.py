@@ -253,8 +253,14 @@ class SpreadSample:
         self._max_live = max_live  # a request whose finish was never seen must not leak
         self._offsets: dict[str, float] = {}
 
-    def select(self, layout: StepLayout, positions: np.ndarray, level: float) -> np.ndarray:
-        """Indices of the step's rows to keep, ascending; ``positions`` those the model saw.
+    def select(
+        self, layout: StepLayout, level: float, positions: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Indices of the step's rows to keep, ascending.
+
+        Only each request's first position in the step is read: the layout's
+        ``num_computed`` (known on the host before the forward, so choosing reads no device
+        memory), else, for a layout that does not say, ``positions`` (those the model saw).
 
         Position x of a request, sampled at rate r from its offset u, is kept when an integer
         k falls in (x·r + u, (x+1)·r + u]. A request's tokens in one step are consecutive
@@ -271,7 +277,12 @@ class SpreadSample:
         )
         n = layout.num_scheduled
         row = np.cumsum(n) - n
-        first = positions[row].astype(np.int64)
+        if layout.num_computed is not None:
+            first = np.asarray(layout.num_computed, dtype=np.int64)
+        elif positions is not None:
+            first = positions[row].astype(np.int64)
+        else:
+            raise ValueError("choosing rows needs the layout's num_computed or the positions")
         end = first + n
         prompt_len = np.asarray(layout.prompt_lens)
         boundary = np.clip(prompt_len, first, end)  # prompt tokens before it, generated after

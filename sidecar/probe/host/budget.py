@@ -29,8 +29,12 @@ where the engine thread saves most:
                    copies only the rows ``SpreadSample`` (``sidecar.probe.host.attribution``)
                    keeps at the level, a systematic sample of each request's positions that
                    keeps at least one prompt token of every request.
-On the CPU build a row's copy costs little next to reading a step in Python, so what the
-level saves is mostly the steps it leaves unread. Every
+Neither reads the device: a decode step needs no positions at all, and the other steps' rows
+are chosen from where each request starts in the step, which the scheduler's output says
+on the host (``StepLayout.num_computed``). So the level adapts on a GPU as on a CPU; there
+the drain gathers the kept rows on the device, outside any CUDA graph, without a sync
+(``sidecar.probe.host.drain``). On the CPU build a row's copy costs little next to reading a
+step in Python, so what the level saves is mostly the steps it leaves unread. Every
 ``WINDOW_STEPS`` steps the window's ratio is compared with the budget: above
 ``HIGH`` x budget the level is halved, below ``LOW`` x budget it grows by a quarter, between
 the two it holds; it stays within [``MIN_LEVEL``, 1]. What the probe does on every step
@@ -40,10 +44,9 @@ is what the alert "CircuitwatchProbeOverBudget" reports.
 
 Where the level may not or cannot adapt, it stays at 1 and only the measurement runs (and
 the alert reports a probe over its budget): when ``CIRCUITWATCH_SAMPLE=1.0`` asks for every
-token (exact monitoring: the operator chose the cost), under tensor
-parallelism (every rank must keep the same rows, and each rank's clock would pick its own
-level) and on a GPU (choosing rows there needs positions read on the device, see
-``Drain``).
+token (exact monitoring: the operator chose the cost), and under tensor parallelism (every
+rank must keep the same rows, and each rank's clock would pick its own level; agreeing on
+one would take a cross-rank exchange that blocks the engine thread).
 """
 
 from __future__ import annotations

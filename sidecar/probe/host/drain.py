@@ -15,12 +15,22 @@ rather than waiting. On a CPU the copies are plain copies.
 
 Below a sampling level of 1 (the latency budget's, ``sidecar.probe.host.budget``) ``collect``
 first chooses the rows to keep (``SpreadSample``) and copies only those; a step left with
-no row and no finished request is not copied or queued at all. Choosing reads the step's
-positions on the host, which on a CPU are in host memory already. On a GPU it would need
-a sync, so there the level stays at 1; what would keep it there without one is a fixed
-number of slots chosen on the device (``torch.nonzero_static`` of the same test on the
-position buffer, written into a [slots, k] buffer), which keeps shapes static under CUDA
-graphs.
+no row and no finished request is not copied or queued at all. Choosing needs only where
+each request starts in the step, which the layout says (``StepLayout.num_computed``, from the
+scheduler's output, on the host): it reads no device memory, on a CPU or a GPU. Only a layout
+that does not say (one built by hand) falls back to the positions buffer, which a CPU holds
+in host memory; on a GPU such a step is copied whole rather than read with a sync.
+
+On a GPU the kept rows' indices go to the device from pinned memory (``non_blocking``; PyTorch's
+caching host allocator keeps that block until the copy that reads it has run), an
+``index_select`` gathers those rows of the taps' buffer and of the position buffer, and the
+gathered rows are copied into the ring (``non_blocking``), all queued on the current stream
+after the forward and fenced by the same event: the engine thread never waits for the device.
+The gathered tensors are freed when ``collect`` returns; the CUDA caching allocator hands
+their memory only to work queued later on the same stream, so the copies read them first.
+This also keeps shapes static under CUDA graphs: the taps write full rows into their
+preallocated buffers inside the graph, and the selection, whose shapes change every step,
+runs on the engine thread after the graph was launched, outside any captured graph.
 """
 
 from __future__ import annotations
@@ -98,8 +108,11 @@ class Drain:
         n = layout.num_tokens
         positions = self.taps.positions.positions
         kept = None
-        if level < 1.0 and n:
-            kept = self.spread.select(layout, positions.numpy(), level)
+        # Chosen on the host from the layout; only a layout that does not say where its
+        # requests start reads the positions, on a CPU (on a GPU it goes whole: no sync).
+        if level < 1.0 and n and (layout.num_computed is not None or not self._cuda):
+            fallback = None if layout.num_computed is not None else positions.numpy()
+            kept = self.spread.select(layout, level, fallback)
             n = kept.shape[0]
         self.spread.forget(finished)
         if kept is not None and n == 0 and not finished:
@@ -113,10 +126,8 @@ class Drain:
         if kept is None:
             self.ring.values[rows].copy_(self.taps.values[:n], non_blocking=self._cuda)
             self.ring.positions[rows].copy_(positions[:n], non_blocking=self._cuda)
-        else:
-            index = torch.from_numpy(kept)
-            torch.index_select(self.taps.values, 0, index, out=self.ring.values[rows])
-            torch.index_select(positions, 0, index, out=self.ring.positions[rows])
+        elif n:  # a step that finishes a request may keep no row
+            self._gather(kept, rows)
         event = None
         if self._cuda:
             event = torch.cuda.Event()
@@ -144,6 +155,19 @@ class Drain:
             sampled,
             kept,
         )
+
+    def _gather(self, kept: np.ndarray, rows: slice) -> None:
+        """Copy the ``kept`` rows of the taps' and the position buffer into ``rows`` of the
+        ring; on a GPU without a sync (see the module docstring)."""
+        positions = self.taps.positions.positions
+        index = torch.from_numpy(kept)
+        if self._cuda:
+            index = index.pin_memory().to(positions.device, non_blocking=True)
+            self.ring.values[rows].copy_(self.taps.values.index_select(0, index), non_blocking=True)
+            self.ring.positions[rows].copy_(positions.index_select(0, index), non_blocking=True)
+        else:
+            torch.index_select(self.taps.values, 0, index, out=self.ring.values[rows])
+            torch.index_select(positions, 0, index, out=self.ring.positions[rows])
 
     def resolve(self, steps: list[PendingStep]) -> TokenBatch | None:
         """One ``TokenBatch`` of ``steps`` (in order), or None when none has anything to send.
