@@ -1,8 +1,9 @@
-"""``circuitwatch serve`` as a separate process that the soak kills, stops and restarts.
+"""``circuitwatch serve`` as a separate process that a test or the soak kills, stops and restarts.
 
 It is watched from outside, as an operator would: whether its Unix socket accepts
 connections, and its ``/metrics``. Counters are read generically (``counters(scrape,
-pattern)``) so that the soak reports whatever drop and error counters the sidecar exports.
+pattern)``) so that the soak reports whatever drop and error counters the sidecar exports;
+tests read one metric's samples by name and labels (``samples``, ``value``).
 """
 
 from __future__ import annotations
@@ -19,29 +20,41 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks._processes import rss_bytes
-from sidecar.monitoring import stop_process
+from sidecar.models.registry import REFERENCE_SPEC
+from sidecar.monitoring import free_port, stop_process
 
 BATCHES = "circuitwatch_batches_received_total"
 TOKENS = "circuitwatch_tokens_sampled_total"
 SCORED = "circuitwatch_requests_scored_total"
 # Counters whose name says they count lost or refused work, whatever they are called.
 DROP_PATTERN = re.compile(r"^circuitwatch_\w*(drop|error|reject)\w*_total$")
+ACCEPT_POLL_S = 0.002  # how finely wait_accepting times the socket's first accept
 
 Scrape = dict[str, float]  # "name{label="value",...}" -> value
+Labels = dict[str, str]
 
 
 class SidecarProcess:
-    """One ``circuitwatch serve`` incarnation on ``socket_path`` with /metrics on ``port``."""
+    """One ``circuitwatch serve`` incarnation on ``socket_path`` (scoring with ``spec``), with
+    /metrics on ``port`` (a free one if not given) and its output appended to ``log``
+    (discarded if not given)."""
 
-    def __init__(self, spec: Path, socket_path: Path, port: int, log: Path):
+    def __init__(
+        self,
+        socket_path: Path,
+        spec: Path = REFERENCE_SPEC,
+        port: int | None = None,
+        log: Path | None = None,
+    ):
         self.socket_path = socket_path
-        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
-        self._log = open(log, "a")
+        self.port = free_port() if port is None else port
+        self.metrics_url = f"http://127.0.0.1:{self.port}/metrics"
+        self._log = open(log, "a") if log is not None else None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidecar.cli", "serve", "--spec", str(spec),
              "--listen", f"unix://{socket_path}", "--metrics-host", "127.0.0.1",
-             "--metrics-port", str(port), "--log-level", "WARNING"],
-            stdout=self._log, stderr=subprocess.STDOUT,
+             "--metrics-port", str(self.port), "--log-level", "WARNING"],
+            stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.paused = False
 
@@ -61,42 +74,81 @@ class SidecarProcess:
             except OSError:
                 return False
 
-    def wait_accepting(self, timeout_s: float) -> float:
-        """Polls the socket every 5 ms; the monotonic time it first accepted."""
+    def wait_accepting(self, timeout_s: float = 60.0) -> float:
+        """Polls the socket every ``ACCEPT_POLL_S``; the monotonic time it first accepted."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"circuitwatch serve exited with {self.process.returncode}")
             if self.accepting():
                 return time.monotonic()
-            time.sleep(0.005)
+            time.sleep(ACCEPT_POLL_S)
         raise TimeoutError(f"circuitwatch serve did not accept connections in {timeout_s:.0f} s")
 
-    def scrape(self, timeout_s: float = 2.0) -> Scrape | None:
-        """Every sample of /metrics; None when it does not answer (stopped, starting, gone)."""
+    def _read(self, timeout_s: float) -> list[tuple[str, Labels, float]] | None:
+        """(name, labels, value) of every sample on /metrics; None when it does not answer
+        (stopped, starting, gone)."""
         try:
             with urllib.request.urlopen(self.metrics_url, timeout=timeout_s) as response:
                 text = response.read().decode()
         except OSError:
             return None
-        return {
-            _key(sample.name, sample.labels): sample.value
+        return [
+            (sample.name, sample.labels, sample.value)
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-        }
+        ]
+
+    def scrape(self, timeout_s: float = 2.0) -> Scrape | None:
+        """Every sample of /metrics by name and labels; None when it does not answer."""
+        found = self._read(timeout_s)
+        if found is None:
+            return None
+        return {_key(name, labels): value for name, labels, value in found}
+
+    def samples(self, name: str, **labels: str) -> list[tuple[Labels, float]]:
+        """(labels, value) of the samples of metric ``name`` whose labels include ``labels``;
+        [] when /metrics does not answer."""
+        wanted = labels.items()
+        return [
+            (have, value)
+            for found, have, value in self._read(2.0) or []
+            if found == name and wanted <= have.items()
+        ]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sum of those samples; None if there are none (or /metrics does not answer)."""
+        found = self.samples(name, **labels)
+        return sum(value for _, value in found) if found else None
+
+    def batches(self, model_name: str | None = None) -> float:
+        """Batches received; only those labelled ``model_name`` if given."""
+        labels = {} if model_name is None else {"model_name": model_name}
+        return self.value(BATCHES, **labels) or 0.0
+
+    def wait_first_batch(self, timeout_s: float = 30.0) -> float:
+        """Polls /metrics every 10 ms; the monotonic time a batch was first counted."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.batches() > 0:
+                return time.monotonic()
+            time.sleep(0.01)
+        raise AssertionError("no batch reached the sidecar")
 
     def rss_mib(self) -> dict[str, float]:
         size = rss_bytes(self.pid) if self.alive() else None
         return {} if size is None else {"sidecar": size / 2**20}
 
     def kill(self) -> None:
+        """SIGKILL: its socket file stays behind, as after a crash."""
         self.process.kill()
         # Generous: on a loaded 2-core machine a killed process has been seen to take over
         # 10 s to be reaped (the 30-minute soak died on that once).
         self.process.wait(120)
-        self._log.close()
+        self._close_log()
 
     def pause(self) -> None:
+        """SIGSTOP: frozen, its connections open and unread."""
         self.process.send_signal(signal.SIGSTOP)
         self.paused = True
 
@@ -105,11 +157,15 @@ class SidecarProcess:
         self.paused = False
 
     def stop(self) -> None:
+        """SIGTERM (continued first if paused), SIGKILL if it has not exited within 10 s."""
         if self.alive():
-            if self.paused:
-                self.resume()
+            self.resume()  # harmless if it was not stopped
             stop_process(self.process, timeout=10)
-        self._log.close()  # closing twice is harmless
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()  # closing twice is harmless
 
 
 def _key(name: str, labels: dict[str, str]) -> str:

@@ -257,7 +257,7 @@ class Soak:
         index = len(self.incarnations)
         self.incarnations.append(Incarnation(index, started_by, self.now()))
         log = self.workdir / f"sidecar-{index}.log"
-        return SidecarProcess(self.spec, self.socket_path, self.metrics_port, log)
+        return SidecarProcess(self.socket_path, self.spec, self.metrics_port, log)
 
     def read_sidecar(self) -> Scrape | None:
         """Scrapes the live sidecar, keeping the reading as its incarnation's latest."""

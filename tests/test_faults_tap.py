@@ -7,18 +7,22 @@ per module: this fault has to be there before the engine starts)."""
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
 from probe_engine_helpers import stop_engine, wait_for
-from test_faults import batches, metric, steady_load
-from test_reconnect import Serve
+from test_faults import steady_load
 
 from sidecar.models.registry import REFERENCE_DIR, REFERENCE_SPEC
 from sidecar.probe.config import ENV_ENDPOINT, ENV_FAULT, ENV_SAMPLE, ENV_SPEC
 from sidecar.probe.host.health import TAP_ERROR
 from sidecar.probe.plugin import probe_stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+from benchmarks._sidecar_process import SidecarProcess  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -27,7 +31,7 @@ def test_a_tap_that_raises_while_traced_turns_the_probe_off_and_the_engine_serve
     from vllm import LLM
 
     socket_path = tmp_path / "ingest.sock"
-    serve = Serve(socket_path)
+    serve = SidecarProcess(socket_path)
     env = {
         ENV_SPEC: str(REFERENCE_SPEC),
         ENV_ENDPOINT: f"unix://{socket_path}",
@@ -48,8 +52,8 @@ def test_a_tap_that_raises_while_traced_turns_the_probe_off_and_the_engine_serve
                 stop_engine(llm)
         assert load.requests >= 4 and load.failed == 0, load.errors[:3]
         assert not stats.status.enabled and stats.status.errors_total == {TAP_ERROR: 1}
-        assert wait_for(lambda: metric(serve, "circuitwatch_probe_enabled", rank="0") == 0)
-        assert metric(serve, "circuitwatch_probe_errors_total", reason=TAP_ERROR) == 1
-        assert batches(serve) == 0  # found on the first step, before anything was shipped
+        assert wait_for(lambda: serve.value("circuitwatch_probe_enabled", rank="0") == 0)
+        assert serve.value("circuitwatch_probe_errors_total", reason=TAP_ERROR) == 1
+        assert serve.batches() == 0  # found on the first step, before anything was shipped
     finally:
         serve.stop()

@@ -8,12 +8,16 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from test_reconnect import SPEC, Serve
 from test_server_grpc import make_spec
 
+from sidecar.models.registry import REFERENCE_SPEC
 from sidecar.server.service import Sidecar, unix_socket_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+from benchmarks._sidecar_process import SidecarProcess  # noqa: E402
 
 
 def mode_and_gid(path) -> tuple[int, int]:
@@ -57,7 +61,7 @@ def test_serve_rebinds_over_a_stale_socket_file_and_keeps_it_private(tmp_path):
     stale.bind(str(path))  # a socket file nobody listens on, as a killed sidecar leaves
     stale.close()
     os.chmod(path, 0o777)
-    serve = Serve(path)
+    serve = SidecarProcess(path)
     try:
         serve.wait_accepting()
         assert mode_and_gid(path)[0] == 0o600
@@ -67,7 +71,7 @@ def test_serve_rebinds_over_a_stale_socket_file_and_keeps_it_private(tmp_path):
 
 def test_serve_refuses_an_unknown_socket_group(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", "serve", "--spec", str(SPEC)]
+        [sys.executable, "-m", "sidecar.cli", "serve", "--spec", str(REFERENCE_SPEC)]
         + ["--listen", f"unix://{tmp_path}/s.sock", "--socket-group", "no-such-group-cw"],
         capture_output=True,
         text=True,
