@@ -67,6 +67,40 @@ def test_benign_splits_share_no_template_topic_or_text():
     )
 
 
+def test_safe_topic_groups_share_nothing_and_avoid_the_reference_sets():
+    table = json.loads(datasets.SAFE_TOPIC_FILE.read_text())
+    kept = {s: datasets.safe_topic_benign(s) for s in datasets.BENIGN_SPLITS}
+    texts = {s: {e.content for e in examples} for s, examples in kept.items()}
+    # 15 frames x 43 / 42 / 42 topics, less the near-duplicates decontamination removed
+    # (train: 1 of HarmBench; calibration: 1 of the tricky set; test: none).
+    assert {s: len(t) for s, t in texts.items()} == {"train": 644, "calibration": 629, "test": 630}
+    removed = datasets.safe_topic_removed("calibration")
+    assert {name: len(found) for name, found in removed.items()} == {
+        "tricky": 1,
+        "harmbench": 0,
+        "benign training": 0,
+    }
+    assert not texts["calibration"] & {e.content for e in removed["tricky"]}
+    for split, group in zip(datasets.BENIGN_SPLITS, range(3), strict=True):
+        others = set().union(*(t for s, t in texts.items() if s != split))
+        assert not texts[split] & others
+        for topic in table["topics"][group::3]:  # a topic lives in one group only
+            assert not any(topic in text for text in others)
+        assert all(e.source == f"safe_topic/{split}" and e.label == 0 for e in kept[split])
+    references = datasets.decontamination_references()
+    for split in ("calibration", "test"):
+        for name, refs in references.items():
+            assert not datasets.near_duplicates(sorted(texts[split]), refs, 0.4).any(), name
+    # Only calibration and test enter the bundled data (the shipped probe never trained on
+    # them), in the roles that set and check thresholds.
+    role = Roles().role
+    assert role(datasets.user("x", 0, "safe_topic/calibration")) == "calibration"
+    assert role(datasets.user("x", 0, "safe_topic/test")) == "heldout"
+    bundled = {e.source for e in datasets.standard_dataset(jailbreak_count=0)}
+    assert {"safe_topic/calibration", "safe_topic/test"} <= bundled
+    assert "safe_topic/train" not in bundled
+
+
 def test_chat_examples_render_as_the_engine_does(tokenizer):
     example = datasets.user("How do I kill a Python process?", 0, "tricky")
     conversation = [{"role": "user", "content": example.content}]
