@@ -18,8 +18,11 @@ once the spec was calibrated that way). Then:
   never set anything).
 
 Writes ``calibration_check.json`` and ``calibration_spread.png`` next to the pool. Run:
-``OMP_NUM_THREADS=1 python -m benchmarks.harm_calibration_check`` (about 15 min for 2,500
-requests on a loaded 2-core machine).
+``OMP_NUM_THREADS=1 python -m benchmarks.harm_calibration_check`` (about 1.4 s a request on a
+loaded 2-core machine). Not to score twice: ``--scores`` takes the aggregates
+``circuitwatch calibrate --scores`` wrote (the pool's, and the held-out file's if it had
+one), and ``--cache DIR --score-only SET ...`` scores sets into DIR (``SET.npy``) in another
+process meanwhile, which a later run with the same ``--cache`` reads.
 """
 
 from __future__ import annotations
@@ -88,6 +91,21 @@ def plot(counts: np.ndarray, seed_count: int, ranges: dict, requests: int, path:
     plt.close(figure)
 
 
+def prompt_scores(spec, scorer, name: str, examples, cache: Path | None) -> np.ndarray:
+    """The set's prompt aggregates (first circuit), from ``cache/name.npy`` when there."""
+    path = cache / f"{name}.npy" if cache else None
+    if path is not None and path.exists():
+        values = np.load(path)
+        if values.shape != (len(examples),):
+            raise ValueError(f"{path}: {values.shape[0]} scores for {len(examples)} requests")
+        return values
+    values = phase_aggregates(spec, scorer, examples)["prompt"][:, 0]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, values)
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="sidecar/models/smollm2_harm_spec/spec.yaml")
@@ -97,20 +115,35 @@ def main() -> None:
     parser.add_argument("--holdout-fraction", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=2000)
+    parser.add_argument("--jailbreaks", type=int, default=64, help="report's jailbreaks to score")
+    parser.add_argument("--scores", help="npz of `circuitwatch calibrate --scores`")
+    parser.add_argument("--cache", type=Path, help="folder of scored sets (SET.npy)")
+    parser.add_argument("--score-only", nargs="+", default=[], help="score these sets and stop")
     args = parser.parse_args()
     spec = load_spec(args.spec)
     scorer = ReferenceScorer(spec, resolve_model(spec.model.name))
     benign, other = datasets.read_jsonl(args.benign), datasets.read_jsonl(args.heldout)
     short = [e for e in datasets.jailbreaks() if len(e.content) < 2000]
     report_sets = {
-        "HarmBench TPR": datasets.harmbench(),
-        "tricky benign FPR": datasets.tricky_benign(),
-        "jailbreaks flagged": random.Random("0/jailbreak").sample(short, 64),
+        "HarmBench TPR": ("harmbench", datasets.harmbench()),
+        "tricky benign FPR": ("tricky", datasets.tricky_benign()),
+        "jailbreaks flagged": (
+            "jailbreaks",
+            random.Random("0/jailbreak").sample(short, args.jailbreaks),
+        ),
     }
-    groups = [benign, other, *report_sets.values()]
-    pool, other_scores, *report_scores = (
-        phase_aggregates(spec, scorer, examples)["prompt"][:, 0] for examples in groups
-    )
+    sets = {"pool": benign, "heldout": other, **dict(report_sets.values())}
+    given = dict(np.load(args.scores)) if args.scores else {}
+    known = {"pool": "benign_prompt", "heldout": "heldout_prompt"}
+    scores = {name: given[key][:, 0] for name, key in known.items() if key in given}
+    if args.score_only:
+        for name in args.score_only:
+            prompt_scores(spec, scorer, name, sets[name], args.cache)
+        return
+    for name, examples in sets.items():
+        if name not in scores and examples:
+            scores[name] = prompt_scores(spec, scorer, name, examples, args.cache)
+    pool, other_scores = scores["pool"], scores["heldout"]
     sources = [e.source for e in benign]
     kept, held = split_holdout(sources, args.holdout_fraction, args.seed)
     threshold = threshold_at_fpr(pool[kept], args.fpr)
@@ -165,7 +198,10 @@ def main() -> None:
               f"{high95:.0f}, seed {args.seed} {seed_count} (P >= it: "
               f"{(counts >= seed_count).mean():.3f})")  # fmt: skip
         spreads[name] = counts
-    for name, values in zip(report_sets, report_scores, strict=True):
+    for name, (key, examples) in report_sets.items():
+        if not examples:
+            continue
+        values = scores[key]
         rate = wilson_interval(int((values > threshold).sum()), values.size)
         figures[name] = asdict(rate)
         print(f"{name} at {threshold:.5g}: {rate.rate:.3f} ({rate.flagged}/{rate.requests}, "

@@ -271,9 +271,12 @@ def calibrate(
     seed: int = 0,
     engine: LiveEngine | bool = False,
     max_tokens: int = 1,
+    scores_out: str | Path | None = None,
 ) -> tuple[Path, list[PhaseCalibration]]:
     """Calibrate every circuit of the spec; returns (written spec path, report rows).
-    ``engine``: True starts a live engine for the requests, a ``LiveEngine`` uses that one."""
+    ``engine``: True starts a live engine for the requests, a ``LiveEngine`` uses that one.
+    ``scores_out``: an npz of every request's aggregates, ``benign_<phase>`` and
+    ``heldout_<phase>`` ([requests, circuits], file order), for analyses not to re-score."""
     from sidecar.models.registry import resolve_model
 
     spec = load_spec(spec_path)
@@ -292,6 +295,10 @@ def calibrate(
 
         scorer = ReferenceScorer(spec, model_dir)
         scored, *other = [phase_aggregates(spec, scorer, examples) for examples in groups]
+    if scores_out:
+        tables = {f"benign_{phase}": table for phase, table in scored.items()}
+        tables.update({f"heldout_{phase}": table for phase, table in (other or [{}])[0].items()})
+        np.savez(scores_out, **tables)
     kept, held = split_holdout([e.source for e in benign], holdout_fraction, seed)
     values = {phase: table[kept] for phase, table in scored.items()}
     holdout_values = {phase: table[held] for phase, table in scored.items()} if held.size else {}
@@ -374,6 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", help="folder to write the calibrated spec to (default: in place)")
     parser.add_argument("--report", help="write the calibration report (JSON) here")
+    parser.add_argument(
+        "--scores", help="write every request's aggregates here (npz), for later analyses"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -388,6 +398,7 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
         args.engine,
         args.max_tokens,
+        args.scores,
     )
     for row in rows:
         line = (

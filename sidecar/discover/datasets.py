@@ -75,6 +75,7 @@ given, it must agree with them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -389,7 +390,8 @@ def safe_topic_composed(split: str, seed: int = 0) -> list[Example]:
     return [user(text, 0, f"safe_topic/{split}") for text in texts]
 
 
-def decontamination_references(seed: int = 0) -> dict[str, list[str]]:
+@functools.cache
+def decontamination_references(seed: int = 0) -> dict[str, tuple[str, ...]]:
     """Requests that composed benign calibration and test requests must not near-duplicate:
     the held-out tricky set, HarmBench, and the benign training requests (a calibration
     request that rewords a training one scores as trained; a test one would also make
@@ -401,9 +403,9 @@ def decontamination_references(seed: int = 0) -> dict[str, list[str]]:
         *(e for e in form_pairs(seed) if e.label == 0),
     ]
     return {
-        "tricky": [e.content for e in tricky_benign()],
-        "harmbench": [e.content for e in harmbench()],
-        "benign training": [e.content for e in training],
+        "tricky": tuple(e.content for e in tricky_benign()),
+        "harmbench": tuple(e.content for e in harmbench()),
+        "benign training": tuple(e.content for e in training),
     }
 
 

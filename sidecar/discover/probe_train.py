@@ -404,6 +404,12 @@ def run(args: argparse.Namespace) -> int:
     from sidecar.models.registry import SOURCES, resolve_model
 
     started = time.monotonic()
+    examples = standard_dataset() if args.data == "bundled" else read_jsonl(args.data)
+    roles = Roles(tuple(args.heldout), tuple(args.calibration), tuple(args.report_only))
+    if args.benign_only:
+        for path in write_benign_files(examples, roles, Path(args.report or args.out)):
+            print(f"wrote {path}")
+        return 0
     model_dir = resolve_model(args.model)
     model_name = args.model if args.model in SOURCES else model_dir.name
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -413,12 +419,6 @@ def run(args: argparse.Namespace) -> int:
         sites = [Site.parse(name) for name in args.sites]
     else:
         sites = [Site(layer, SiteKind.RESID_POST) for layer in range(n_layers)]
-    examples = standard_dataset() if args.data == "bundled" else read_jsonl(args.data)
-    roles = Roles(tuple(args.heldout), tuple(args.calibration), tuple(args.report_only))
-    if args.benign_only:
-        for path in write_benign_files(examples, roles, Path(args.report or args.out)):
-            print(f"wrote {path}")
-        return 0
     cache = Path(args.cache) if args.cache else None
     aggregations = [parse_aggregation(a) for a in args.per_token]
     token_sites = [Site.parse(n) for n in args.token_sites] if args.token_sites else sites
