@@ -12,7 +12,10 @@ import torch
 from sidecar.cli import main
 from sidecar.discover import datasets
 from sidecar.discover.calibrate import (
+    CountRange,
+    binomial_count_range,
     flagged_rate,
+    split_count_range,
     split_holdout,
     threshold_at_fpr,
     wilson_interval,
@@ -50,6 +53,35 @@ def test_wilson_interval_matches_hand_computed_values():
     ten = wilson_interval(10, 100)
     assert ten.rate == 0.1
     assert (ten.low, ten.high) == pytest.approx((0.0552, 0.1744), abs=1e-4)
+
+
+def test_binomial_count_range_matches_hand_computed_tails():
+    # Binomial(534, 0.01): P(0) = 0.99^534 = 0.0047, P(<= 1) = 0.0299; P(<= 9) = 0.9550,
+    # P(<= 10) = 0.9796: the central 95 % is 1-10.
+    assert binomial_count_range(534, 0.01) == CountRange(1, 10, 534, 0.95)
+    # Binomial(4, 0.1): P(0) = 0.6561 > 0.025, P(<= 1) = 0.9477, P(<= 2) = 0.9963.
+    assert (binomial_count_range(4, 0.1).low, binomial_count_range(4, 0.1).high) == (0, 2)
+
+
+def test_split_count_range_is_what_random_splits_give():
+    # One held-out request against the maximum of three calibration ones: above it with
+    # probability 1/4, so a 50 % range is 0-0 and a 90 % range 0-1.
+    assert (split_count_range(3, 0, 1, 0.5).low, split_count_range(3, 0, 1, 0.5).high) == (0, 0)
+    assert split_count_range(3, 0, 1, 0.9).high == 1
+    # Seeded random splits of exchangeable scores, threshold as calibrate sets it.
+    calibration, heldout, fpr = 60, 50, 0.05
+    promised = split_count_range(calibration, 3, heldout)  # floor(0.05 * 60) = 3 above
+    rng = np.random.default_rng(0)
+    counts = []
+    for _ in range(4000):
+        scores = rng.normal(size=calibration + heldout)
+        threshold = threshold_at_fpr(scores[:calibration], fpr)
+        counts.append(int((scores[calibration:] > threshold).sum()))
+    counts = np.array(counts)
+    assert abs(counts.mean() - heldout * 4 / 61) < 0.1  # E = heldout (allowed + 1) / (m + 1)
+    assert (counts > promised.high).mean() <= 0.025 + 0.01
+    assert (counts >= promised.high).mean() > 0.025 - 0.01  # the range is tight
+    assert (counts < promised.low).mean() <= 0.025 + 0.01
 
 
 def test_split_holdout_is_a_seeded_partition():
@@ -114,7 +146,7 @@ def test_calibrate_sets_thresholds_and_records_where_they_came_from(tmp_path):
     (circuit,) = spec.circuits
     record = circuit.calibration
     assert record.requests == 10 and record.target_fpr == 0.1
-    assert record.data == "benign.jsonl (10 of 14, seed 3; 4 held out)"
+    assert record.data == "benign.jsonl (10 of 14, split stratified by source, seed 3; 4 held out)"
     assert record.data_hash == datasets.file_hash(benign_file)
     assert record.model_hash == spec.model.hash
     assert dict(record.achieved_fpr).keys() == {"prompt", "generation"}  # answers were given
@@ -139,7 +171,9 @@ def test_calibrate_sets_thresholds_and_records_where_they_came_from(tmp_path):
     assert prompt["calibration_requests"] == 10
     assert prompt["holdout"]["requests"] == 4 and prompt["heldout"]["requests"] == 4
     assert prompt["holdout"]["flagged"] == int((prompt_max[held] > threshold).sum())
-    inside = prompt["holdout"]["low"] <= 0.1 <= prompt["holdout"]["high"]
+    promised = binomial_count_range(4, 0.1)
+    assert prompt["holdout_tolerance"] == {"low": 0, "high": 2, "requests": 4, "level": 0.95}
+    inside = promised.low <= prompt["holdout"]["flagged"] <= promised.high
     assert prompt["within_tolerance"] is inside
 
 
@@ -162,10 +196,11 @@ def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
     agg = circuit.aggregation
     harmful = aggregates(datasets.harmbench()[:16])
     benign = aggregates(datasets.composed_benign("test", 6) + datasets.twin_benign("test")[:6])
-    # At its calibrated threshold the bundled probe flags about three fifths of HarmBench and
-    # a few per cent of held-out benign requests (see its report).
+    # At its calibrated threshold (1 % of a benign pool where safe-intent requests on harmful
+    # topics score highest) the bundled probe flags 16 of 200 HarmBench requests (1 of these
+    # 16) and under 1 % of held-out benign requests (see its report).
     report = json.loads((REPORT / "report.json").read_text())  # what probe-train chose
     assert circuit.aggregation == aggregation_of(report["chosen"]["position"])
     assert spec.components[0].site.name == report["chosen"]["site"]
-    assert (harmful > threshold).sum() >= 2 and (benign > threshold).sum() <= 1
+    assert (harmful > threshold).sum() >= 1 and (benign > threshold).sum() <= 1
     assert harmful.mean() > benign.mean()

@@ -67,6 +67,36 @@ def test_benign_splits_share_no_template_topic_or_text():
     )
 
 
+def test_safe_topic_groups_share_nothing_and_avoid_the_reference_sets():
+    table = json.loads(datasets.SAFE_TOPIC_FILE.read_text())
+    kept = {s: datasets.safe_topic_benign(s) for s in datasets.BENIGN_SPLITS}
+    texts = {s: {e.content for e in examples} for s, examples in kept.items()}
+    # 15 frames x 43 / 42 / 42 topics, less the near-duplicates decontamination removed
+    # (train: 1 of HarmBench; calibration: 1 of the tricky set; test: none).
+    assert {s: len(t) for s, t in texts.items()} == {"train": 644, "calibration": 629, "test": 630}
+    removed = datasets.safe_topic_removed("calibration")
+    assert {name: len(found) for name, found in removed.items()} == {
+        "tricky": 1,
+        "harmbench": 0,
+        "benign training": 0,
+    }
+    assert not texts["calibration"] & {e.content for e in removed["tricky"]}
+    for split, group in zip(datasets.BENIGN_SPLITS, range(3), strict=True):
+        others = set().union(*(t for s, t in texts.items() if s != split))
+        assert not texts[split] & others
+        for topic in table["topics"][group::3]:  # a topic lives in one group only
+            assert not any(topic in text for text in others)
+        assert all(e.source == f"safe_topic/{split}" and e.label == 0 for e in kept[split])
+    # Only calibration and test enter the bundled data (the shipped probe never trained on
+    # them), in the roles that set and check thresholds.
+    role = Roles().role
+    assert role(datasets.user("x", 0, "safe_topic/calibration")) == "calibration"
+    assert role(datasets.user("x", 0, "safe_topic/test")) == "heldout"
+    bundled = {e.source for e in datasets.standard_dataset(jailbreak_count=0)}
+    assert {"safe_topic/calibration", "safe_topic/test"} <= bundled
+    assert "safe_topic/train" not in bundled
+
+
 def test_chat_examples_render_as_the_engine_does(tokenizer):
     example = datasets.user("How do I kill a Python process?", 0, "tricky")
     conversation = [{"role": "user", "content": example.content}]
@@ -135,6 +165,17 @@ def _small_set() -> list[datasets.Example]:
     chosen += datasets.composed_benign("calibration", 6)
     chosen += datasets.harmbench()[:7] + datasets.composed_benign("test", 7)
     return chosen + datasets.tricky_benign()[:4]
+
+
+def test_benign_only_writes_the_calibration_and_heldout_files_without_a_model(tmp_path):
+    data = datasets.write_jsonl(tmp_path / "small.jsonl", _small_set())
+    argv = ["probe-train", "--data", str(data), "--out", str(tmp_path / "spec"), "--benign-only"]
+    assert main([*argv, "--model", str(tmp_path / "no-model-here")]) == 0
+    calibration = datasets.read_jsonl(tmp_path / "spec" / "benign_calibration.jsonl")
+    heldout = datasets.read_jsonl(tmp_path / "spec" / "benign_heldout.jsonl")
+    assert calibration == datasets.composed_benign("calibration", 6)
+    assert heldout == datasets.composed_benign("test", 7)  # benign only: no HarmBench
+    assert not (tmp_path / "spec" / "spec.yaml").exists()
 
 
 def test_probe_train_end_to_end_on_a_small_set(tmp_path):

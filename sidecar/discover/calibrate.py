@@ -18,14 +18,20 @@ nothing to calibrate the generation phase on.
 
 The spec is written back through ``write_spec`` with its components and directions
 unchanged and a ``Calibration`` record per circuit. Two checks, never used for the threshold,
-each reported as an FPR with its 95 % Wilson interval:
+each reported as an FPR with its 95 % Wilson interval and against the tolerance a calibration
+at the target promises on a set of that size: the central 95 % range of the flagged count
+were the threshold's FPR exactly the target (``binomial_count_range``):
 
 - ``--holdout-fraction`` holds out a seeded random share of each source of ``--benign``
   (stratified: same distribution as the calibration requests): this measures calibration
-  error, and the calibration holds (``within_tolerance``) when that interval contains the
-  target;
+  error, and the calibration holds (``within_tolerance``) when that count is in range;
 - ``--heldout`` scores another benign file (other templates or topics): this measures how
-  the threshold transfers across benign traffic (distribution shift), a robustness figure.
+  the threshold transfers across benign traffic (distribution shift), a robustness figure
+  (``heldout_within_tolerance``).
+
+``split_count_range`` gives the wider range a split calibration has at best (the threshold's
+own sampling error included); ``benchmarks.harm_calibration_check`` compares it with seeded
+re-splits.
 """
 
 from __future__ import annotations
@@ -89,6 +95,61 @@ def wilson_interval(flagged: int, requests: int, z: float = Z_95) -> RateInterva
     centre = (p + z * z / (2 * requests)) / denominator
     half = z * math.sqrt(p * (1 - p) / requests + z * z / (4 * requests * requests)) / denominator
     return RateInterval(p, max(0.0, centre - half), min(1.0, centre + half), flagged, requests)
+
+
+@dataclass(frozen=True)
+class CountRange:
+    """The central ``level`` range of a count: P(count < low) and P(count > high) are each
+    at most (1 - level) / 2."""
+
+    low: int
+    high: int
+    requests: int
+    level: float
+
+
+def _count_range(log_pmf: np.ndarray, level: float) -> CountRange:
+    tail = (1.0 - level) / 2.0
+    cdf = np.cumsum(np.exp(log_pmf - np.logaddexp.reduce(log_pmf)))
+    low = int(np.searchsorted(cdf, tail + 1e-12, side="right"))
+    high = int(np.searchsorted(cdf, 1.0 - tail - 1e-12, side="left"))
+    return CountRange(low, min(high, cdf.size - 1), cdf.size - 1, level)
+
+
+def _log_comb(n: np.ndarray | int, k: np.ndarray | int) -> np.ndarray:
+    n, k = np.asarray(n, dtype=np.float64), np.asarray(k, dtype=np.float64)
+    return _lgamma(n + 1) - _lgamma(k + 1) - _lgamma(n - k + 1)
+
+
+_lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
+
+
+def binomial_count_range(requests: int, fpr: float, level: float = 0.95) -> CountRange:
+    """How many of ``requests`` held-out benign requests a threshold whose true FPR is
+    ``fpr`` flags, central ``level`` range of Binomial(requests, fpr): the tolerance a
+    calibration at ``fpr`` promises on a held-out set of that size."""
+    flagged = np.arange(requests + 1)
+    log_pmf = (
+        _log_comb(requests, flagged)
+        + flagged * math.log(fpr)
+        + (requests - flagged) * math.log1p(-fpr)
+    )
+    return _count_range(log_pmf, level)
+
+
+def split_count_range(
+    calibration: int, allowed: int, heldout: int, level: float = 0.95
+) -> CountRange:
+    """How many of ``heldout`` requests lie above a threshold that leaves ``allowed`` of
+    ``calibration`` requests above it, when the two sets are a random split of exchangeable
+    scores (no ties): every order of the combined scores is equally likely, so the count is
+    x with probability C(x + allowed, allowed) C(heldout - x + calibration - allowed - 1,
+    calibration - allowed - 1) / C(heldout + calibration, calibration). The spread a
+    calibration of this size has at best, its own sampling error included."""
+    flagged = np.arange(heldout + 1)
+    rest = calibration - allowed - 1
+    log_pmf = _log_comb(flagged + allowed, allowed) + _log_comb(heldout - flagged + rest, rest)
+    return _count_range(log_pmf, level)
 
 
 def split_holdout(
@@ -180,18 +241,23 @@ class PhaseCalibration:
     holdout: RateInterval | None = None
     heldout: RateInterval | None = None
 
-    def _contains_target(self, rate: RateInterval | None) -> bool | None:
-        return None if rate is None else rate.low <= self.target_fpr <= rate.high
+    def tolerance(self, rate: RateInterval | None) -> CountRange | None:
+        """The flagged counts a threshold at exactly the target FPR gives on that set, 95 %."""
+        return None if rate is None else binomial_count_range(rate.requests, self.target_fpr)
+
+    def _in_tolerance(self, rate: RateInterval | None) -> bool | None:
+        promised = self.tolerance(rate)
+        return None if promised is None else promised.low <= rate.flagged <= promised.high
 
     @property
     def within_tolerance(self) -> bool | None:
-        """The in-distribution held-out FPR's 95 % interval contains the target."""
-        return self._contains_target(self.holdout)
+        """The in-distribution held-out count lies in the range the target promises."""
+        return self._in_tolerance(self.holdout)
 
     @property
-    def heldout_contains_target(self) -> bool | None:
-        """The other benign set's FPR interval contains the target (robustness, not tolerance)."""
-        return self._contains_target(self.heldout)
+    def heldout_within_tolerance(self) -> bool | None:
+        """The same for the other benign set (robustness across benign traffic)."""
+        return self._in_tolerance(self.heldout)
 
 
 def calibrate(
@@ -205,9 +271,12 @@ def calibrate(
     seed: int = 0,
     engine: LiveEngine | bool = False,
     max_tokens: int = 1,
+    scores_out: str | Path | None = None,
 ) -> tuple[Path, list[PhaseCalibration]]:
     """Calibrate every circuit of the spec; returns (written spec path, report rows).
-    ``engine``: True starts a live engine for the requests, a ``LiveEngine`` uses that one."""
+    ``engine``: True starts a live engine for the requests, a ``LiveEngine`` uses that one.
+    ``scores_out``: an npz of every request's aggregates, ``benign_<phase>`` and
+    ``heldout_<phase>`` ([requests, circuits], file order), for analyses not to re-score."""
     from sidecar.models.registry import resolve_model
 
     spec = load_spec(spec_path)
@@ -226,6 +295,10 @@ def calibrate(
 
         scorer = ReferenceScorer(spec, model_dir)
         scored, *other = [phase_aggregates(spec, scorer, examples) for examples in groups]
+    if scores_out:
+        tables = {f"benign_{phase}": table for phase, table in scored.items()}
+        tables.update({f"heldout_{phase}": table for phase, table in (other or [{}])[0].items()})
+        np.savez(scores_out, **tables)
     kept, held = split_holdout([e.source for e in benign], holdout_fraction, seed)
     values = {phase: table[kept] for phase, table in scored.items()}
     holdout_values = {phase: table[held] for phase, table in scored.items()} if held.size else {}
@@ -233,7 +306,10 @@ def calibrate(
     components, circuits = entries(spec)
     data = Path(benign_path).name + (" (live engine)" if engine else "")
     if held.size:
-        data += f" ({kept.size} of {len(benign)}, seed {seed}; {held.size} held out)"
+        data += (
+            f" ({kept.size} of {len(benign)}, split stratified by source, seed {seed}; "
+            f"{held.size} held out)"
+        )
     rows = []
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     for j, circuit in enumerate(circuits):
@@ -271,6 +347,10 @@ def calibrate(
     return path, rows
 
 
+def _asdict_or_none(value) -> dict | None:
+    return None if value is None else asdict(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", required=True, help="spec.yaml to calibrate")
     parser.add_argument("--benign", required=True, help="benign requests (JSONL) for the threshold")
@@ -301,6 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", help="folder to write the calibrated spec to (default: in place)")
     parser.add_argument("--report", help="write the calibration report (JSON) here")
+    parser.add_argument(
+        "--scores", help="write every request's aggregates here (npz), for later analyses"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -315,6 +398,7 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
         args.engine,
         args.max_tokens,
+        args.scores,
     )
     for row in rows:
         line = (
@@ -323,20 +407,24 @@ def run(args: argparse.Namespace) -> int:
         )
         for label, rate, inside in (
             ("in-distribution held-out", row.holdout, row.within_tolerance),
-            ("other-distribution held-out", row.heldout, row.heldout_contains_target),
+            ("other-distribution held-out", row.heldout, row.heldout_within_tolerance),
         ):
             if rate is not None:
+                promised = row.tolerance(rate)
                 line += (
                     f"; {label} FPR {rate.rate:.4f} ({rate.flagged}/{rate.requests}, 95% CI "
-                    f"{rate.low:.4f}-{rate.high:.4f}: target {'inside' if inside else 'OUTSIDE'})"
+                    f"{rate.low:.4f}-{rate.high:.4f}; tolerance {promised.low}-{promised.high}: "
+                    f"{'inside' if inside else 'OUTSIDE'})"
                 )
         print(line)
     if args.report:
         report = [
             {
                 **asdict(r),
+                "holdout_tolerance": _asdict_or_none(r.tolerance(r.holdout)),
                 "within_tolerance": r.within_tolerance,
-                "heldout_contains_target": r.heldout_contains_target,
+                "heldout_tolerance": _asdict_or_none(r.tolerance(r.heldout)),
+                "heldout_within_tolerance": r.heldout_within_tolerance,
             }
             for r in rows
         ]

@@ -28,8 +28,12 @@ VALIDATION_SHARE = 5  # one in five training examples (by text hash) validates t
 class Roles:
     """Which sources play which part; a source matches its name or any ``name/...`` below it."""
 
-    heldout: tuple[str, ...] = ("harmbench", "benign/test", "twin/test")
-    calibration: tuple[str, ...] = ("benign/calibration", "twin/calibration")
+    heldout: tuple[str, ...] = ("harmbench", "benign/test", "twin/test", "safe_topic/test")
+    calibration: tuple[str, ...] = (
+        "benign/calibration",
+        "twin/calibration",
+        "safe_topic/calibration",
+    )
     report: tuple[str, ...] = ("tricky", "jailbreak")
 
     def role(self, example: Example) -> str:

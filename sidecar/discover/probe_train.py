@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from sidecar.discover.capture import capture
 from sidecar.discover.datasets import (
+    DECONTAMINATE,
     PROVENANCE,
     Example,
     near_duplicates,
@@ -383,11 +384,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l2", type=float, default=L2, help="L2 on standardised features")
     parser.add_argument("--cache", help="safetensors file caching the activations")
     parser.add_argument(
+        "--benign-only",
+        action="store_true",
+        help="only write the benign calibration and held-out files (no forward passes, no "
+        "probe): to recalibrate a trained probe on the current data",
+    )
+    parser.add_argument(
         "--decontaminate",
         type=float,
-        default=0.4,
+        default=DECONTAMINATE,
         help="leave out training requests whose content words overlap a held-out request of "
-        "their class by this Jaccard share or more (0: keep all; default 0.4)",
+        "their class by this Jaccard share or more (0: keep all; default %(default)s)",
     )
 
 
@@ -397,6 +404,12 @@ def run(args: argparse.Namespace) -> int:
     from sidecar.models.registry import SOURCES, resolve_model
 
     started = time.monotonic()
+    examples = standard_dataset() if args.data == "bundled" else read_jsonl(args.data)
+    roles = Roles(tuple(args.heldout), tuple(args.calibration), tuple(args.report_only))
+    if args.benign_only:
+        for path in write_benign_files(examples, roles, Path(args.report or args.out)):
+            print(f"wrote {path}")
+        return 0
     model_dir = resolve_model(args.model)
     model_name = args.model if args.model in SOURCES else model_dir.name
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -406,8 +419,6 @@ def run(args: argparse.Namespace) -> int:
         sites = [Site.parse(name) for name in args.sites]
     else:
         sites = [Site(layer, SiteKind.RESID_POST) for layer in range(n_layers)]
-    examples = standard_dataset() if args.data == "bundled" else read_jsonl(args.data)
-    roles = Roles(tuple(args.heldout), tuple(args.calibration), tuple(args.report_only))
     cache = Path(args.cache) if args.cache else None
     aggregations = [parse_aggregation(a) for a in args.per_token]
     token_sites = [Site.parse(n) for n in args.token_sites] if args.token_sites else sites
@@ -433,9 +444,7 @@ def run(args: argparse.Namespace) -> int:
     spec_path = write_probe_spec(out, model_name, model_dir, chosen)
     report_dir = Path(args.report or out)
     report_dir.mkdir(parents=True, exist_ok=True)
-    for name, role in (("benign_calibration", "calibration"), ("benign_heldout", "heldout")):
-        benign = [e for e in examples if e.label == 0 and roles.role(e) == role]
-        write_jsonl(report_dir / f"{name}.jsonl", benign)
+    write_benign_files(examples, roles, report_dir)
     rows = [p.row for p in probes]
     report = {
         "model": model_name,
@@ -458,6 +467,20 @@ def run(args: argparse.Namespace) -> int:
     _print_table(rows, chosen.row, summary, args.fpr)
     print(f"wrote {spec_path} and {report_dir / 'report.json'} ({report['seconds']} s)")
     return 0
+
+
+def write_benign_files(examples: Sequence[Example], roles: Roles, folder: Path) -> list[Path]:
+    """The benign requests of the calibration and held-out roles, for ``circuitwatch
+    calibrate --benign`` and ``--heldout``: ``benign_calibration.jsonl`` and
+    ``benign_heldout.jsonl``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        write_jsonl(
+            folder / f"{name}.jsonl",
+            [e for e in examples if e.label == 0 and roles.role(e) == role],
+        )
+        for name, role in (("benign_calibration", "calibration"), ("benign_heldout", "heldout"))
+    ]
 
 
 def _print_table(rows: Sequence[ProbeRow], chosen: ProbeRow, summary: dict, fpr: float) -> None:
