@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,9 +22,9 @@ from probe_engine_helpers import tiny_model_and_spec
 from prometheus_client.parser import text_string_to_metric_families
 from test_traces import PARENT_ID, TRACE_ID, TRACEPARENT, Received, grpc_receiver
 
-pytestmark = pytest.mark.engine
+from sidecar.discover.engine_runs import ENGINE_START_S
 
-ENGINE_START_S = 300
+pytestmark = pytest.mark.engine
 
 
 def _free_port() -> int:
@@ -97,7 +98,7 @@ def running_servers(tmp, sidecar_args=(), vllm_args=()):
          "--served-model-name", "reference", "--host", "127.0.0.1", "--port", str(api_port),
          "--gpu-memory-utilization", "0.2", "--max-model-len", "512", "--max-num-seqs", "8",
          *vllm_args],
-        env=env, stdout=logs["vllm"], stderr=subprocess.STDOUT,
+        env=env, stdout=logs["vllm"], stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     procs = (sidecar, vllm)
     try:
@@ -119,6 +120,9 @@ def running_servers(tmp, sidecar_args=(), vllm_args=()):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        # vLLM's engine core outlives a server stopped while it starts: end its whole group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(vllm.pid, signal.SIGKILL)
         for log in logs.values():
             log.close()
 
