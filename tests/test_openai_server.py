@@ -1,23 +1,30 @@
 """The two-process setup as operators run it: `circuitwatch serve` and vLLM's OpenAI-compatible
-server (default compiled mode) as separate processes, driven by the real `openai` client."""
+server (default compiled mode) as separate processes, driven by the real `openai` client, both
+exporting spans to one OTLP receiver (a real gRPC TraceService in this process).
+
+One pair of servers for the module: the metrics test counts only its own requests, the
+traceparent test picks its own request's spans."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import pytest
 from probe_engine_helpers import tiny_model_and_spec
 from prometheus_client.parser import text_string_to_metric_families
+from test_traces import PARENT_ID, TRACE_ID, TRACEPARENT, Received, grpc_receiver
+
+from sidecar.discover.engine_runs import ENGINE_START_S
 
 pytestmark = pytest.mark.engine
-
-ENGINE_START_S = 300
 
 
 def _free_port() -> int:
@@ -50,10 +57,26 @@ def _samples(text: str, name: str) -> list:
     return [s for family in families for s in family.samples if s.name == name]
 
 
+@dataclass(frozen=True)
+class Servers:
+    api: str  # vLLM's OpenAI API base URL
+    metrics_url: str  # the sidecar's /metrics
+    spans: Received  # what both processes exported over OTLP
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    with running_servers(tmp_path_factory.mktemp("openai")) as running:
-        yield running
+    """Both processes export spans to one OTLP gRPC receiver; vLLM's own tracing has to be on,
+    or it drops a request's trace headers before they reach the plugin."""
+    with (
+        grpc_receiver() as (endpoint, received),
+        running_servers(
+            tmp_path_factory.mktemp("openai"),
+            sidecar_args=("--otlp-endpoint", endpoint, "--otlp-protocol", "grpc"),
+            vllm_args=("--otlp-traces-endpoint", endpoint),
+        ) as (api, metrics_url),
+    ):
+        yield Servers(api, metrics_url, received)
 
 
 @contextlib.contextmanager
@@ -75,7 +98,7 @@ def running_servers(tmp, sidecar_args=(), vllm_args=()):
          "--served-model-name", "reference", "--host", "127.0.0.1", "--port", str(api_port),
          "--gpu-memory-utilization", "0.2", "--max-model-len", "512", "--max-num-seqs", "8",
          *vllm_args],
-        env=env, stdout=logs["vllm"], stderr=subprocess.STDOUT,
+        env=env, stdout=logs["vllm"], stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     procs = (sidecar, vllm)
     try:
@@ -97,15 +120,37 @@ def running_servers(tmp, sidecar_args=(), vllm_args=()):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        # vLLM's engine core outlives a server stopped while it starts: end its whole group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(vllm.pid, signal.SIGKILL)
         for log in logs.values():
             log.close()
+
+
+def _engine_scored(text: str) -> float:
+    done = _samples(text, "circuitwatch_requests_scored_total")
+    return sum(s.value for s in done if s.labels["finished_by"] == "engine")
+
+
+def _heads_counts(text: str) -> list:
+    wanted = {"circuit": "heads", "aggregation": "mean"}
+    samples = _samples(text, "circuitwatch_circuit_score_count")
+    return [s for s in samples if wanted.items() <= s.labels.items()]
+
+
+def _prompt_count(text: str) -> float:
+    return sum(s.value for s in _heads_counts(text) if s.labels["phase"] == "prompt")
+
+
+def _tokens_sampled(text: str) -> float:
+    return sum(s.value for s in _samples(text, "circuitwatch_tokens_sampled_total"))
 
 
 def test_openai_client_requests_are_scored_by_the_sidecar(servers):
     from openai import OpenAI
 
-    api, metrics_url = servers
-    client = OpenAI(base_url=f"{api}/v1", api_key="unused")
+    before = _get(servers.metrics_url)  # the module's other requests are counted too
+    client = OpenAI(base_url=f"{servers.api}/v1", api_key="unused")
     prompts = ["import os\nimport sys\n", "def main():"]
     for prompt in prompts:
         completion = client.completions.create(
@@ -115,18 +160,42 @@ def test_openai_client_requests_are_scored_by_the_sidecar(servers):
         assert completion.usage.completion_tokens > 0
 
     def scored() -> bool:
-        text = _get(metrics_url)
-        done = _samples(text, "circuitwatch_requests_scored_total")
-        return sum(s.value for s in done if s.labels["finished_by"] == "engine") >= len(prompts)
+        return _engine_scored(_get(servers.metrics_url)) - _engine_scored(before) >= len(prompts)
 
     _wait_until(scored, 30, "requests scored")
-    text = _get(metrics_url)
-    counts = [
-        s
-        for s in _samples(text, "circuitwatch_circuit_score_count")
-        if s.labels["circuit"] == "heads" and s.labels["aggregation"] == "mean"
-    ]
-    assert {s.labels["model_name"] for s in counts} == {"reference"}
-    assert sum(s.value for s in counts if s.labels["phase"] == "prompt") == len(prompts)
-    assert sum(s.value for s in _samples(text, "circuitwatch_tokens_sampled_total")) > 0
-    assert "vllm:" in _get(f"{api}/metrics")  # vLLM's own metrics still served alongside
+    text = _get(servers.metrics_url)
+    assert {s.labels["model_name"] for s in _heads_counts(text)} == {"reference"}
+    assert _prompt_count(text) - _prompt_count(before) == len(prompts)
+    assert _tokens_sampled(text) > _tokens_sampled(before)
+    assert "vllm:" in _get(f"{servers.api}/metrics")  # vLLM's own metrics still served alongside
+
+
+def _attribute(span, key: str) -> str | None:
+    return next((a.value.string_value for a in span.attributes if a.key == key), None)
+
+
+def test_openai_request_with_traceparent_is_joined_to_the_callers_trace(servers):
+    """vLLM's OpenAI server and the sidecar export to one receiver: both spans of the request
+    are children of the caller's span."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{servers.api}/v1", api_key="unused")
+    completion = client.completions.create(
+        model="reference",
+        prompt="import os\n",
+        max_tokens=4,
+        temperature=0.0,
+        extra_headers={"traceparent": TRACEPARENT},
+    )
+    assert completion.usage.completion_tokens > 0
+
+    def of_this_request(span) -> bool:  # vLLM numbers a completion's prompts: -0
+        return (_attribute(span, "gen_ai.request.id") or "").startswith(completion.id)
+
+    by_name = servers.spans.wait_for(
+        ["circuitwatch.request", "llm_request"], timeout=60, where=of_this_request
+    )
+    ours, vllms = by_name["circuitwatch.request"], by_name["llm_request"]
+    for span in (ours, vllms):
+        assert (span.trace_id.hex(), span.parent_span_id.hex()) == (TRACE_ID, PARENT_ID)
+    assert _attribute(ours, "gen_ai.request.id") == _attribute(vllms, "gen_ai.request.id")

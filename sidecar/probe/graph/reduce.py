@@ -35,9 +35,9 @@ SmolLM2 (``python -m benchmarks.reduce_precision``) that is, per token, at most 
 residual direction's spread over tokens (median component 1e-2; the stream's few huge
 features dominate) and 1.3e-2 of a head norm's, against 1e-5 with float32 products; the
 bfloat16 activations themselves move values by up to 0.18 of the spread against the float32
-reference (tests/test_live_smollm2.py). Splitting each weight into two bfloat16 parts (two
-columns of the same product, summed in float32) would take the first error to ~2^-16 at
-twice the product's FLOPs.
+reference (tests/smollm2_server/test_live_smollm2.py). Splitting each weight into two
+bfloat16 parts (two columns of the same product, summed in float32) would take the first error
+to ~2^-16 at twice the product's FLOPs.
 
 Shapes: x [T, width] where width is what this rank holds of the site (hook_z is sharded by
 heads and mlp.hook_post by neurons under tensor parallelism). Columns whose read-out spans

@@ -8,47 +8,44 @@ score and per-request aggregate must equal the offline ReferenceScorer on exactl
 the engine ran (the server returns them: ``return_token_ids``).
 
 Two engines, one after the other (the module fixture is parametrized by dtype, so pytest
-finishes one before starting the next):
+finishes one before starting the next), both tapping the package's served spec
+(smollm2_live.build_served_spec: every site kind, and the harm monitor's circuit, which is
+compared here like any other):
 
-    float32    ``--dtype float32``: the same arithmetic as the reference up to kernel order.
-    default    the engine's default dtype (bfloat16 for this float32 checkpoint on CPU):
-               compared with a tolerance relative to each circuit's scale (see BF16_TOKEN).
+    float32    ``--dtype float32``, this module's own: the same arithmetic as the reference
+               up to kernel order.
+    default    the engine's default dtype (bfloat16 for this float32 checkpoint on CPU), the
+               package's engine, which test_monitor_live uses too: compared with a tolerance
+               relative to each circuit's scale (see BF16_TOKEN).
 
-Prefix caching is off: a cached prefix skips the forward pass, so its tokens are never
-scored, and the chat template's shared system prompt would otherwise be cached across
+Prefix caching is off on both: a cached prefix skips the forward pass, so its tokens are
+never scored, and the chat template's shared system prompt would otherwise be cached across
 requests (how many tokens depends on the block size).
 """
 
 from __future__ import annotations
 
 import random
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from smollm2_live import (
+
+from sidecar.protocol.batch import GENERATED
+from sidecar.spec.load import SpecError, load_spec
+
+from .smollm2_live import (
     BF16_MEAN,
     BF16_MEDIAN,
     BF16_TOKEN,
     SERVED_NAME,
     Ran,
+    Server,
     chat,
     openai_client,
-    openai_server,
     records_for,
+    serve,
 )
-
-from sidecar.models.registry import SMOLLM2_SPEC
-from sidecar.protocol.batch import GENERATED
-from sidecar.server.records import CollectingSink
-from sidecar.server.service import Sidecar
-from sidecar.spec.identity import model_hash, read_model_shape
-from sidecar.spec.load import SpecError, load_spec
-from sidecar.spec.writer import CircuitEntry, ComponentEntry, write_spec
 
 pytestmark = pytest.mark.engine
 
@@ -72,87 +69,15 @@ def _repeated_chat(rng: random.Random) -> str:
     return f"Repeat this text exactly: {span} {span}"
 
 
-def build_test_spec(folder: Path, model_dir: Path) -> Path:
-    """The discovered spec (sidecar/models/smollm2_spec: ``discover heads``' induction and
-    previous-token heads by norm, with its z-scored circuits) plus every other kind.
-
-    Added: the last query head of layer 18 by norm (H8: columns 512..576, beyond what a
-    3-KV-head layout would have); a head along a direction; a direction on each of hook_z,
-    resid_pre, resid_mid, resid_post and mlp.hook_post. One circuit per added direction, so a
-    wrong value cannot hide in a sum.
-    """
-    shape = read_model_shape(model_dir)
-    generator = torch.Generator().manual_seed(7)
-
-    def unit(width: int) -> torch.Tensor:
-        v = torch.randn(width, generator=generator)
-        return v / v.norm()
-
-    discovered = load_spec(SMOLLM2_SPEC, model_dir=model_dir)
-    names = [c.name for c in discovered.components]
-    heads = [ComponentEntry(c.name, c.site.name, head=c.head) for c in discovered.components]
-    heads.append(ComponentEntry("l18h8", "blocks.18.attn.hook_z", head=8))
-    z_width = shape.n_heads * shape.d_head
-    singles = [
-        ComponentEntry("l18h7_dir", "blocks.18.attn.hook_z", head=7, direction=unit(576)),
-        ComponentEntry("z17_dir", "blocks.17.attn.hook_z", direction=unit(z_width), bias=0.5),
-        ComponentEntry("pre5_dir", "blocks.5.hook_resid_pre", direction=unit(shape.d_model)),
-        ComponentEntry("mid12_dir", "blocks.12.hook_resid_mid", direction=unit(shape.d_model)),
-        ComponentEntry("post29_dir", "blocks.29.hook_resid_post", direction=unit(shape.d_model)),
-        ComponentEntry("mlp20_dir", "blocks.20.mlp.hook_post", direction=unit(shape.d_mlp)),
-    ]
-    circuits = [
-        CircuitEntry(
-            c.name,
-            {n: w for n, w in zip(names, c.weights, strict=True) if w},
-            description=c.description,
-            bias=c.bias,
-            threshold=c.threshold,
-        )
-        for c in discovered.circuits
-    ]
-    # l18h8's norm hardly varies (about 5.48, spread 0.01), so on its own bfloat16 rounding
-    # would be a large share of its spread; beside a direction a wrong slice still shows.
-    circuits.append(CircuitEntry("c_l18h8", {"l18h8": 1.0, "l18h7_dir": 1.0}))
-    circuits += [CircuitEntry(f"c_{c.name}", {c.name: 1.0}) for c in singles]
-    return write_spec(folder, "smollm2", model_hash(model_dir), heads + singles, circuits)
-
-
-@pytest.fixture(scope="module")
-def spec_path(smollm2_dir, tmp_path_factory) -> Path:
-    """The spec the live tests run: the discovered one, widened to every site kind."""
-    return build_test_spec(tmp_path_factory.mktemp("smollm2_spec"), smollm2_dir)
-
-
-@dataclass
-class Server:
-    dtype: str
-    api: str
-    sink: CollectingSink
-    start_s: float
-
-
 @pytest.fixture(scope="module", params=["float32", "default"])
 def server(request, smollm2_dir, spec_path, tmp_path_factory):
-    """Sidecar (in this process) + vLLM's OpenAI server for one dtype, one after the other."""
-    dtype = request.param
-    tmp = tmp_path_factory.mktemp(f"smollm2_{dtype}")
-    listen = f"unix://{tmp}/ingest.sock"
-    sink = CollectingSink()
-    sidecar = Sidecar(load_spec(spec_path), listen, metrics_port=0, sinks=[sink],
-                      keep_token_scores=4096)  # fmt: skip
-    sidecar.__enter__()
-    started = time.monotonic()
-    engine_dtype = "float32" if dtype == "float32" else None
-    try:
-        with openai_server(smollm2_dir, spec_path, listen, tmp, dtype=engine_dtype) as (api, log):
-            start_s = time.monotonic() - started
-            print(f"\nSmolLM2 OpenAI server ({dtype}) up in {start_s:.0f} s")
-            yield Server(dtype, api, sink, start_s)
-    finally:
-        sidecar.__exit__(None, None, None)
-    if dtype == "default":  # the server must really have run in bfloat16 for this to mean much
-        assert "dtype=torch.bfloat16" in log.read_text()
+    """One engine per dtype, one after the other: float32 started here, the default dtype
+    the package's (conftest.py), left running for test_monitor_live."""
+    if request.param == "default":
+        yield request.getfixturevalue("served")
+        return
+    with serve(smollm2_dir, spec_path, tmp_path_factory.mktemp("smollm2_float32"), "float32") as s:
+        yield s
 
 
 def _chat(client, tag: str, text: str) -> Ran:
@@ -228,10 +153,10 @@ def test_online_scores_equal_the_offline_reference(server, reference):
     deviation, shifted = np.concatenate(deviations), np.concatenate(shifted)
     names = expected[0].circuit_names
     print(f"\n{server.dtype}: |online - offline| over {len(deviation)} tokens, per circuit")
-    print(f"  {'circuit':<14} {'scale':>8} {'max abs':>9} {'max/scale':>9} {'median/scale':>12}"
+    print(f"  {'circuit':<16} {'scale':>8} {'max abs':>9} {'max/scale':>9} {'median/scale':>12}"
           f" {'shifted by one: median/scale':>29}")  # fmt: skip
     for j, name in enumerate(names):
-        print(f"  {name:<14} {scale[j]:8.3g} {deviation[:, j].max() * scale[j]:9.3g} "
+        print(f"  {name:<16} {scale[j]:8.3g} {deviation[:, j].max() * scale[j]:9.3g} "
               f"{deviation[:, j].max():9.3g} {np.median(deviation[:, j]):12.3g} "
               f"{np.median(shifted[:, j]):29.3g}")  # fmt: skip
     if not float32:

@@ -1,27 +1,29 @@
 """The bundled harmful-request monitor served live: its verdicts equal the offline ones.
 
 sidecar/models/smollm2_harm_spec (whatever it holds now: site, aggregation and threshold are
-read from it) on vLLM's OpenAI server in its default dtype (bfloat16 on CPU) and compiled
-mode, with the plugin and the real sidecar in this process. Held-out chats go through the
-real ``openai`` client: HarmBench requests, benign requests of the test templates and topics,
-and harmful-sounding safe ("tricky") requests; none of them trained the probe or set its
-threshold. Each request's live prompt aggregate and verdict are compared with the offline
-reference (ReferenceScorer in float32 + ``sidecar.spec.aggregation.aggregate``) on exactly
-the prompt tokens the engine ran (``return_token_ids``).
+read from it) on the package's engine (conftest.py): vLLM's OpenAI server in its default
+dtype (bfloat16 on CPU) and compiled mode, with the plugin and the real sidecar in this
+process, tapping the served spec, which holds the monitor's circuit beside those of
+test_live_smollm2. Held-out chats go through the real ``openai`` client: HarmBench requests,
+benign requests of the test templates and topics, and harmful-sounding safe ("tricky")
+requests; none of them trained the probe or set its threshold. Each request's live prompt
+aggregate and verdict are compared with the offline reference (ReferenceScorer in float32 +
+``sidecar.spec.aggregation.aggregate``) on exactly the prompt tokens the engine ran
+(``return_token_ids``).
 
 The bfloat16 engine's aggregate may differ from the float32 reference by up to the
 tolerance of test_live_smollm2 (in units of the circuit's scale, the spread of its offline
 scores over every prompt token sent): a verdict must agree wherever the offline aggregate is
 further than that from the threshold; inside the band either verdict is right.
 
-Prefix caching: a cached prefix skips the forward pass, so its tokens are never scored. The
-``last`` aggregation only reads the final prompt token, which the engine always computes,
-so it is immune and the test runs with prefix caching on, as in production. Any other
-aggregation reads every prompt token; with prefix caching on, the chat template's shared
-system prompt would be cached after the first request and left out of later aggregates.
-For those the test runs with prefix caching off, and that is a limitation of the monitor:
-serve a non-``last`` monitor with ``--no-enable-prefix-caching`` (or accept aggregates over
-the uncached suffix only).
+Prefix caching is off on the shared engine (test_live_smollm2 compares every token), so
+every prompt token is scored and the live aggregate covers what the offline one does, whatever
+the aggregation. In production prefix caching is on: a cached prefix skips the forward pass,
+so only ``last`` (the bundled monitor's aggregation when this was written), which reads the
+final prompt token that the engine always computes, is unchanged by it; any other aggregation
+covers the uncached suffix only, so serve such a monitor with ``--no-enable-prefix-caching``.
+That cached tokens go unscored and the rest keep their positions is tested in
+test_probe_engine (``test_prefix_cached_tokens_produce_no_samples``).
 """
 
 from __future__ import annotations
@@ -36,15 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from smollm2_live import (
-    BF16_MEAN,
-    BF16_TOKEN,
-    SERVED_NAME,
-    chat,
-    openai_client,
-    openai_server,
-    records_for,
-)
 
 from sidecar.discover import datasets
 from sidecar.discover.calibrate import calibrate
@@ -53,10 +46,11 @@ from sidecar.discover.engine_runs import LiveEngine
 from sidecar.models.registry import SMOLLM2_HARM_SPEC
 from sidecar.protocol.batch import PROMPT
 from sidecar.server.records import CLEAR, FLAGGED, VERDICTS, CollectingSink
-from sidecar.server.service import Sidecar
 from sidecar.spec.aggregation import aggregate
 from sidecar.spec.load import load_spec
-from sidecar.spec.schema import AggregationKind, Circuit
+from sidecar.spec.schema import AggregationKind, Circuit, CircuitSpec
+
+from .smollm2_live import BF16_MEAN, BF16_TOKEN, SERVED_NAME, chat, openai_client, records_for
 
 pytestmark = pytest.mark.engine
 
@@ -100,21 +94,20 @@ def spec(smollm2_dir):
     return spec
 
 
+def _verdict_terms(spec: CircuitSpec, circuit: Circuit) -> tuple:
+    """What decides a circuit's verdict, independent of the rest of the spec."""
+    members = {spec.components[i].name: w for i, w in enumerate(circuit.weights) if w}
+    return members, circuit.bias, circuit.aggregation, circuit.verdict_thresholds
+
+
 @pytest.fixture(scope="module")
-def live(smollm2_dir, spec, tmp_path_factory):
+def live(spec, spec_path, served) -> Live:
+    """The monitor's circuit on the package's engine, which serves it as the bundled spec has it."""
     circuit = next(c for c in spec.circuits if c.verdict_threshold(PHASE) is not None)
-    tmp = tmp_path_factory.mktemp("harm_monitor")
-    listen = f"unix://{tmp}/ingest.sock"
-    sink = CollectingSink()
-    prefix_caching = circuit.aggregation.kind is AggregationKind.LAST
-    with Sidecar(spec, listen, metrics_port=0, metrics_host="127.0.0.1", sinks=[sink]) as sidecar:
-        started = time.monotonic()
-        with openai_server(
-            smollm2_dir, SMOLLM2_HARM_SPEC, listen, tmp, prefix_caching=prefix_caching
-        ) as (api, _):
-            print(f"\nSmolLM2 OpenAI server up in {time.monotonic() - started:.0f} s "
-                  f"(prefix caching {'on' if prefix_caching else 'off'})")  # fmt: skip
-            yield Live(circuit, sidecar.metrics_url, sink, api)
+    served_spec = load_spec(spec_path)
+    (served_circuit,) = [c for c in served_spec.circuits if c.name == circuit.name]
+    assert _verdict_terms(served_spec, served_circuit) == _verdict_terms(spec, circuit)
+    return Live(circuit, served.metrics_url, served.sink, served.api)
 
 
 @pytest.fixture(scope="module")
@@ -196,18 +189,21 @@ def test_live_verdicts_equal_the_offline_reference(live, reference, spec):
 
 
 def test_calibrate_through_the_engine_sets_thresholds_on_live_aggregates(
-    live, reference, spec, tmp_path
+    live, reference, spec, spec_path, tmp_path
 ):
-    """``calibrate --engine`` on this module's engine: 12 benign chats set the threshold (FPR
-    0.1: one above it), 4 others check it. The threshold is one of the sidecar's live
-    aggregates, and within the bfloat16 tolerance of the offline reference's."""
+    """``calibrate --engine`` on the package's engine, calibrating (a copy of) the spec it
+    serves, as an operator calibrates the spec their engine taps: 12 benign chats set the
+    monitor's threshold (FPR 0.1: one above it), 4 others check it. The threshold is one of
+    the sidecar's live aggregates of those 12, and within the bfloat16 tolerance of the
+    offline reference's."""
     circuit = live.circuit
     folder = tmp_path / "spec"
-    shutil.copytree(SMOLLM2_HARM_SPEC.parent, folder)
+    shutil.copytree(spec_path.parent, folder)
     benign = datasets.composed_benign("calibration", 12, seed=5)
     benign_file = datasets.write_jsonl(tmp_path / "benign.jsonl", benign)
     heldout_file = datasets.write_jsonl(tmp_path / "held.jsonl", datasets.twin_benign("test")[:4])
-    engine = LiveEngine(spec, openai_client(live.api), live.sink, SERVED_NAME)
+    engine = LiveEngine(load_spec(spec_path), openai_client(live.api), live.sink, SERVED_NAME)
+    earlier = len(live.sink.records)  # other tests' requests, on the same engine
     path, rows = calibrate(
         folder / "spec.yaml", benign_file, 0.1, heldout_path=heldout_file, engine=engine
     )
@@ -221,7 +217,7 @@ def test_calibrate_through_the_engine_sets_thresholds_on_live_aggregates(
 
     live_values = [
         r.phase(PHASE).circuit(circuit.name).aggregate
-        for r in live.sink.records
+        for r in live.sink.records[earlier:]
         if r.phase(PHASE) is not None
     ]
     # the spec keeps 6 significant digits
