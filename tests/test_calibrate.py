@@ -196,11 +196,10 @@ def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
     agg = circuit.aggregation
     harmful = aggregates(datasets.harmbench()[:16])
     benign = aggregates(datasets.composed_benign("test", 6) + datasets.twin_benign("test")[:6])
-    # At its calibrated threshold (1 % of a benign pool where safe-intent requests on harmful
-    # topics score highest) the bundled probe flags 16 of 200 HarmBench requests (1 of these
-    # 16) and under 1 % of held-out benign requests (see its report).
+    # At its calibrated threshold the bundled probe flags about three fifths of HarmBench and
+    # a few per cent of held-out benign requests (see its report).
     report = json.loads((REPORT / "report.json").read_text())  # what probe-train chose
     assert circuit.aggregation == aggregation_of(report["chosen"]["position"])
     assert spec.components[0].site.name == report["chosen"]["site"]
-    assert (harmful > threshold).sum() >= 1 and (benign > threshold).sum() <= 1
+    assert (harmful > threshold).sum() >= 2 and (benign > threshold).sum() <= 1
     assert harmful.mean() > benign.mean()
