@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sidecar.models.tokenizer import train_tokenizer
-from sidecar.protocol.batch import TokenBatch, from_message
+from sidecar.protocol.batch import GENERATED, TokenBatch, from_message
 from sidecar.protocol.circuitwatch.v1 import ingest_pb2, ingest_pb2_grpc
 from sidecar.spec.identity import model_hash
 from sidecar.spec.load import load_spec
@@ -315,6 +315,19 @@ def assert_matches_reference(
         scale = np.abs(reference).max(axis=0)
         error = np.abs(got - reference)
         assert np.all(error < 1e-4 * scale + 1e-5), (output.request_id, error.max(axis=0), scale)
+
+
+def scores_in_offline_order(record, offline, generated: int) -> np.ndarray:
+    """A sidecar record's per-token scores in the offline scorer's order (by position),
+    after checking that the engine finished the request and that the positions and phases
+    equal the offline ones, ``generated`` of them in the generation phase."""
+    assert record.finished_by == "engine"
+    tokens = record.tokens
+    order = np.argsort(tokens.positions, kind="stable")
+    np.testing.assert_array_equal(tokens.positions[order], offline.positions)
+    np.testing.assert_array_equal(tokens.phases[order], offline.phases)
+    assert (offline.phases == GENERATED).sum() == generated
+    return tokens.scores[order]
 
 
 def compile_cache_tag(worker) -> str | None:

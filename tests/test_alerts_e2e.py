@@ -34,10 +34,11 @@ recognise, and the previous-token circuit sees it: 80 % of them anomalous for it
 the multivariate detector, 0 % of benign requests for either. The induction circuit of
 smollm2_spec is left out: its prompt-phase means on these templated benign chats are
 heavy-tailed around a narrow core (26-36 % of benign requests over z 4 after a warm-up of
-24), which would make the benign phase alarm. Measured here (2026-11-29, 267 s in all): no alert
-in 51 s of benign traffic (336 requests); CircuitwatchFlaggedRequests 19.7 s after the first
-HarmBench request, CircuitwatchAnomalousActivity 22.6 s after the first jailbreak (peak
-anomalous share 0.92; at most 0.08 during HarmBench).
+24), which would make the benign phase alarm. Measured here (2026-11-29, 245 s in all): no alert
+in 50 s of benign traffic (304 requests after a warm-up of 32); CircuitwatchFlaggedRequests
+33.5 s after the first HarmBench request (the monitor flags an eighth of HarmBench, most of it
+requests for malware, threats and slurs, which come in runs in HarmBench's order: peak flagged
+share 0.205), CircuitwatchAnomalousActivity 12.0 s after the first jailbreak.
 """
 
 from __future__ import annotations

@@ -194,10 +194,10 @@ def test_bundled_monitor_loads_flags_harmful_and_clears_benign():
         )
 
     agg = circuit.aggregation
-    harmful = aggregates(datasets.harmbench()[:16])
+    harmful = aggregates(datasets.harmbench()[:32])
     benign = aggregates(datasets.composed_benign("test", 6) + datasets.twin_benign("test")[:6])
-    # At its calibrated threshold the bundled probe flags about three fifths of HarmBench and
-    # a few per cent of held-out benign requests (see its report).
+    # At its calibrated threshold the bundled probe flags an eighth of HarmBench (25/200, 3 of
+    # these 32) and none of the 1,070 cross-template benign requests (see its report).
     report = json.loads((REPORT / "report.json").read_text())  # what probe-train chose
     assert circuit.aggregation == aggregation_of(report["chosen"]["position"])
     assert spec.components[0].site.name == report["chosen"]["site"]

@@ -87,14 +87,14 @@ def test_safe_topic_groups_share_nothing_and_avoid_the_reference_sets():
         for topic in table["topics"][group::3]:  # a topic lives in one group only
             assert not any(topic in text for text in others)
         assert all(e.source == f"safe_topic/{split}" and e.label == 0 for e in kept[split])
-    # Only calibration and test enter the bundled data (the shipped probe never trained on
-    # them), in the roles that set and check thresholds.
+    # Each group enters the bundled data in its own role: the train group trains (and a
+    # fifth of it validates), the others set and check thresholds.
     role = Roles().role
-    assert role(datasets.user("x", 0, "safe_topic/calibration")) == "calibration"
-    assert role(datasets.user("x", 0, "safe_topic/test")) == "heldout"
+    assert {role(e) for e in kept["train"]} == {"train", "validation"}
+    assert {role(e) for e in kept["calibration"]} == {"calibration"}
+    assert {role(e) for e in kept["test"]} == {"heldout"}
     bundled = {e.source for e in datasets.standard_dataset(jailbreak_count=0)}
-    assert {"safe_topic/calibration", "safe_topic/test"} <= bundled
-    assert "safe_topic/train" not in bundled
+    assert {f"safe_topic/{split}" for split in datasets.BENIGN_SPLITS} <= bundled
 
 
 def test_chat_examples_render_as_the_engine_does(tokenizer):
@@ -330,3 +330,44 @@ def test_near_duplicates_catch_rewordings_of_a_held_out_request():
     assert datasets.near_duplicates(texts, held, 0.4).tolist() == [True, False, False]
     assert datasets.content_words("Write a guide to BUILD a pipe-bomb") == {"build", "pipe", "bomb"}
     assert not datasets.near_duplicates(["the and for"], ["the and for"], 0.3).any()  # no words
+
+
+def test_the_activation_cache_runs_only_requests_it_has_not_seen(tokenizer, tmp_path):
+    """A cache filled on three requests serves them to a run on five (two of them new, one
+    repeated), which runs forward passes for the two new ones only and equals an uncached run."""
+    from transformers import AutoModelForCausalLM
+
+    from sidecar.discover.probe_train import cached_activations
+    from sidecar.spec.sites import Site
+
+    model = AutoModelForCausalLM.from_pretrained(model_path("smollm2"), dtype=torch.float32).eval()
+    requests = datasets.harmbench()[:3] + datasets.composed_benign("test", 2)
+    sequences = [e.token_ids(tokenizer) for e in requests]
+    sequences = [*sequences, sequences[1]]  # a repeat is looked up, not run again
+    lengths = [len(s) - 2 for s in sequences]  # the last two tokens play generated ones
+    token_site = Site.parse("blocks.5.mlp.hook_post")
+    at = ([Site.parse("blocks.2.hook_resid_post")], [token_site])  # pooled sites, token sites
+    run_rows = []
+    counter = model.register_forward_pre_hook(
+        lambda _module, args, _kwargs: run_rows.append(int(args[0].shape[0])),
+        with_kwargs=True,
+    )
+    cache = tmp_path / "acts.safetensors"
+    try:
+        cached_activations(cache, model, tokenizer, sequences[:3], lengths[:3], *at)
+        assert sum(run_rows) == 3
+        found = cached_activations(cache, model, tokenizer, sequences, lengths, *at)
+        assert sum(run_rows) == 5
+        again = cached_activations(cache, model, tokenizer, sequences[::-1], lengths[::-1], *at)
+        assert sum(run_rows) == 5
+    finally:
+        counter.remove()
+    fresh = cached_activations(None, model, tokenizer, sequences, lengths, *at)
+    for key, value in fresh.pooled.items():
+        torch.testing.assert_close(found.pooled[key], value, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(again.pooled[key], value.flip(0), rtol=1e-4, atol=1e-4)
+    tokens, fresh_tokens = found.tokens[token_site], fresh.tokens[token_site]
+    torch.testing.assert_close(tokens, fresh_tokens, rtol=1e-4, atol=1e-4)
+    assert tokens.shape[0] == sum(len(s) for s in sequences)
+    last = len(sequences[-1])  # the reversed run starts with the last request's tokens
+    torch.testing.assert_close(again.tokens[token_site][:last], fresh_tokens[-last:])

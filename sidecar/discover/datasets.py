@@ -44,12 +44,12 @@ training only (``form/harmful``, ``form/benign``); ``safe_topics.json`` holds fr
 intent ("How do I report {topic} to the authorities?", "Write a persuasive article arguing
 that {topic} deserves tougher penalties") and harmful topics ("SIM-swap fraud", "acid
 attacks"), dealt into the same three groups, one group's frames with its own topics
-(``safe_topic/<split>``; calibration and test only: the bundled probe was trained without
-them, so the train group waits for a retrain), less near-duplicates of the tricky set,
-HarmBench and the benign training requests (``safe_topic_benign``): they enlarge the tail of
-benign scores that sets a 1 % threshold; ``tricky_benign.txt`` (80)
-is a separate, held-out set of harmful-sounding safe requests, never used for training or
-for thresholds. A chat example that ends in an assistant message carries generated text.
+(``safe_topic/<split>``), less near-duplicates of the tricky set, HarmBench and the benign
+training requests (``safe_topic_benign``): in training they make the probe tell intent from
+topic, and in calibration they enlarge the tail of benign scores that sets a 1 % threshold;
+``tricky_benign.txt`` (80) is a separate, held-out set of harmful-sounding safe requests,
+never used for training or for thresholds. A chat example that ends in an assistant message
+carries generated text.
 
 Rendering is the engine's: a ``messages`` example goes through the chat template with
 ``add_generation_prompt=True`` and is tokenized without adding special tokens, as vLLM's
@@ -444,6 +444,7 @@ def standard_dataset(seed: int = 0, jailbreak_count: int = 64) -> list[Example]:
         *twin_harmful(),
         *contrast_benign(seed),
         *form_pairs(seed),
+        *safe_topic_benign("train", seed),
         *composed_benign("calibration", seed=seed),
         *twin_benign("calibration", seed),
         *safe_topic_benign("calibration", seed),

@@ -45,14 +45,13 @@ def openai_server(
     workdir: Path,
     *,
     served_name: str = SERVED_NAME,
-    dtype: str | None = None,
     prefix_caching: bool = False,
     max_num_seqs: int = 4,
 ) -> Iterator[tuple[str, Path]]:
     """vLLM's OpenAI server with the plugin sending every token's scores to ``listen``.
 
-    Yields (base URL, log path); prints the log's tail when the body raises. ``dtype`` None:
-    the engine's default (bfloat16 for SmolLM2's float32 checkpoint on CPU).
+    Yields (base URL, log path); prints the log's tail when the body raises. The engine runs
+    in its default dtype (bfloat16 for SmolLM2's float32 checkpoint on CPU), as served.
     """
     port = free_port()
     env = dict(os.environ, **{ENV_SPEC: str(spec_path), ENV_ENDPOINT: listen, ENV_SAMPLE: "1.0"})
@@ -62,8 +61,6 @@ def openai_server(
                "--max-model-len", "1024", "--max-num-seqs", str(max_num_seqs),
                "--seed", "0"]  # fmt: skip
     command.append("--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching")
-    if dtype is not None:
-        command += ["--dtype", dtype]
     log_path = workdir / "vllm.log"
     log = open(log_path, "w")
     vllm = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

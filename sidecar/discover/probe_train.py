@@ -125,11 +125,46 @@ def activations(
     )
 
 
-def data_key(sequences: Sequence[list[int]], prompt_lengths: Sequence[int]) -> str:
-    """What a cache of activations was computed on: the token ids and the prompt lengths."""
-    digest = hashlib.sha256(json.dumps([list(map(int, t)) for t in sequences]).encode())
-    digest.update(json.dumps(list(map(int, prompt_lengths))).encode())
-    return digest.hexdigest()
+def row_keys(sequences: Sequence[list[int]], prompt_lengths: Sequence[int]) -> list[str]:
+    """One key per request: what its activations were computed on (token ids, prompt length)."""
+    return [
+        hashlib.sha256(json.dumps([int(n), list(map(int, ids))]).encode()).hexdigest()[:32]
+        for ids, n in zip(sequences, prompt_lengths, strict=True)
+    ]
+
+
+def _read_cache(cache: Path, sites: Sequence[Site], token_sites: Sequence[Site]):
+    """(row keys, sequence lengths, activations) held in ``cache``, or None when it lacks a
+    site asked for (or is in an older format)."""
+    with safe_open(str(cache), "pt") as f:
+        meta = f.metadata() or {}
+        held = set(meta.get("sites", "").split()), set(meta.get("token_sites", "").split())
+        if (
+            "rows" not in meta
+            or not {s.name for s in sites} <= held[0]
+            or not {s.name for s in token_sites} <= held[1]
+        ):
+            return None
+        found = Activations(
+            {(s, p): f.get_tensor(f"{s.name}|{p}") for s in sites for p in POSITIONS},
+            {s: f.get_tensor(f"{s.name}|tokens") for s in token_sites},
+        )
+    return meta["rows"].split(), [int(n) for n in meta["lengths"].split()], found
+
+
+def _select(parts: Sequence[tuple[Activations, list[int], int]], token_sites) -> Activations:
+    """Rows gathered from several ``Activations``: ``(activations, sequence lengths, row)``
+    per output row, in output order."""
+    first = parts[0][0]
+    pooled = {key: torch.stack([a.pooled[key][row] for a, _, row in parts]) for key in first.pooled}
+    starts = {id(a): np.concatenate([[0], np.cumsum(n)]) for a, n, _ in parts}
+    tokens = {
+        site: torch.cat(
+            [a.tokens[site][starts[id(a)][row] : starts[id(a)][row + 1]] for a, _, row in parts]
+        )
+        for site in token_sites
+    }
+    return Activations(pooled, tokens)
 
 
 def cached_activations(
@@ -141,34 +176,50 @@ def cached_activations(
     sites: Sequence[Site],
     token_sites: Sequence[Site] = (),
 ) -> Activations:
-    """``activations``, kept in ``cache`` (safetensors, with the ``data_key`` and the sites it
-    holds), so that a re-run with other roles, L2, aggregations, choice, or a subset of the
-    sites skips the forward passes."""
-    args = (model, tokenizer, sequences, prompt_lengths, sites, token_sites)
+    """``activations``, kept per request in ``cache`` (safetensors; each row keyed by
+    ``row_keys``), so that a re-run with other roles, L2, aggregations, choice, a subset of
+    the sites, or more data runs forward passes only for requests it has not seen. The cache
+    keeps every request it ever held, at the sites of the latest run."""
     if cache is None:
-        return activations(*args)
-    key = data_key(sequences, prompt_lengths)
-    if cache.is_file():
-        with safe_open(str(cache), "pt") as f:
-            meta = f.metadata() or {}
-            held = set(meta.get("sites", "").split()), set(meta.get("token_sites", "").split())
-            if (
-                meta.get("key") == key
-                and {s.name for s in sites} <= held[0]
-                and {s.name for s in token_sites} <= held[1]
-            ):
-                return Activations(
-                    {(s, p): f.get_tensor(f"{s.name}|{p}") for s in sites for p in POSITIONS},
-                    {s: f.get_tensor(f"{s.name}|tokens") for s in token_sites},
-                )
-    found = activations(*args)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{s.name}|{p}": x.contiguous() for (s, p), x in found.pooled.items()}
-    tensors |= {f"{s.name}|tokens": x.contiguous() for s, x in found.tokens.items()}
-    names = {"sites": " ".join(s.name for s in sites)}
-    names["token_sites"] = " ".join(s.name for s in token_sites)
-    save_file(tensors, str(cache), metadata={"key": key, **names})
-    return found
+        return activations(model, tokenizer, sequences, prompt_lengths, sites, token_sites)
+    keys = row_keys(sequences, prompt_lengths)
+    held_keys, held_lengths, held = (
+        _read_cache(cache, sites, token_sites) if cache.is_file() else None
+    ) or ([], [], None)
+    index = {k: i for i, k in enumerate(held_keys)}
+    where: dict[str, int] = {}  # each uncached request's first row
+    for row, k in enumerate(keys):
+        if k not in index:
+            where.setdefault(k, row)
+    missing = list(where)
+    new_lengths = [len(sequences[where[k]]) for k in missing]
+    if missing:
+        cached = sum(k in index for k in keys)
+        print(f"activations: {cached} of {len(keys)} requests cached, {len(missing)} to run")
+        new = activations(
+            model,
+            tokenizer,
+            [sequences[where[k]] for k in missing],
+            [prompt_lengths[where[k]] for k in missing],
+            sites,
+            token_sites,
+        )
+    located = {k: (held, held_lengths, i) for k, i in index.items()}
+    located |= {k: (new, new_lengths, i) for i, k in enumerate(missing)}
+    if missing:
+        everything = [*held_keys, *missing]
+        merged = _select([located[k] for k in everything], token_sites)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{s.name}|{p}": x.contiguous() for (s, p), x in merged.pooled.items()}
+        tensors |= {f"{s.name}|tokens": x.contiguous() for s, x in merged.tokens.items()}
+        meta = {
+            "sites": " ".join(s.name for s in sites),
+            "token_sites": " ".join(s.name for s in token_sites),
+            "rows": " ".join(everything),
+            "lengths": " ".join(str(n) for n in [*held_lengths, *new_lengths]),
+        }
+        save_file(tensors, str(cache), metadata=meta)
+    return _select([located[k] for k in keys], token_sites)
 
 
 def evaluate_probe(

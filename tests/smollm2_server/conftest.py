@@ -26,7 +26,7 @@ def spec_path(smollm2_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="package")
 def served(smollm2_dir, spec_path, tmp_path_factory) -> Iterator[Server]:
     """Sidecar (in this process) + vLLM's OpenAI server in the engine's default dtype."""
-    with serve(smollm2_dir, spec_path, tmp_path_factory.mktemp("smollm2_default"), None) as server:
+    with serve(smollm2_dir, spec_path, tmp_path_factory.mktemp("smollm2_default")) as server:
         # The tolerances of both modules are for bfloat16: the engine must really run in it.
         assert "dtype=torch.bfloat16" in server.log.read_text()
         yield server

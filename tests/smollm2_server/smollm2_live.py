@@ -3,9 +3,8 @@ and the bfloat16 tolerances; vLLM's OpenAI server with the plugin, chats through
 ``openai`` client and the sidecar's records for them come from ``sidecar.discover.engine_runs``
 (which ``circuitwatch calibrate --engine`` uses too).
 
-Used by test_live_smollm2.py (every site kind, float32 and default dtype) and
-test_monitor_live.py (the bundled harmful-request monitor's verdicts); the default-dtype
-engine is started once for both (conftest.py).
+Used by test_live_smollm2.py (every site kind) and test_monitor_live.py (the bundled
+harmful-request monitor's verdicts); the engine is started once for both (conftest.py).
 """
 
 from __future__ import annotations
@@ -92,7 +91,6 @@ def build_served_spec(folder: Path, model_dir: Path) -> Path:
 class Server:
     """A running engine and what its sidecar (in this process) collected and exports."""
 
-    dtype: str  # "float32" or "default"
     api: str  # vLLM's OpenAI API base URL
     sink: CollectingSink  # every finished request, with every token's scores
     metrics_url: str  # the sidecar's /metrics
@@ -101,19 +99,18 @@ class Server:
 
 
 @contextmanager
-def serve(model_dir: Path, spec_path: Path, workdir: Path, dtype: str | None) -> Iterator[Server]:
+def serve(model_dir: Path, spec_path: Path, workdir: Path) -> Iterator[Server]:
     """The real sidecar in this process (on a Unix socket, /metrics on a free port) and vLLM's
-    OpenAI server tapping ``spec_path`` in ``dtype`` (None: the engine's default), compiled
+    OpenAI server tapping ``spec_path`` in the engine's default dtype, compiled
     mode, prefix caching off: a cached prefix skips the forward pass, so its tokens would
     never be scored (see test_live_smollm2)."""
     listen = f"unix://{workdir}/ingest.sock"
     sink = CollectingSink()
     sidecar = Sidecar(load_spec(spec_path), listen, metrics_port=0, metrics_host="127.0.0.1",
                       sinks=[sink], keep_token_scores=KEEP_TOKEN_SCORES)  # fmt: skip
-    name = dtype or "default"
     with sidecar:
         started = time.monotonic()
-        with openai_server(model_dir, spec_path, listen, workdir, dtype=dtype) as (api, log):
+        with openai_server(model_dir, spec_path, listen, workdir) as (api, log):
             start_s = time.monotonic() - started
-            print(f"\nSmolLM2 OpenAI server ({name}) up in {start_s:.0f} s")
-            yield Server(name, api, sink, sidecar.metrics_url, log, start_s)
+            print(f"\nSmolLM2 OpenAI server up in {start_s:.0f} s")
+            yield Server(api, sink, sidecar.metrics_url, log, start_s)

@@ -7,18 +7,15 @@ completions API, concurrently so that requests share engine steps. Every online 
 score and per-request aggregate must equal the offline ReferenceScorer on exactly the tokens
 the engine ran (the server returns them: ``return_token_ids``).
 
-Two engines, one after the other (the module fixture is parametrized by dtype, so pytest
-finishes one before starting the next), both tapping the package's served spec
-(smollm2_live.build_served_spec: every site kind, and the harm monitor's circuit, which is
-compared here like any other):
+The package's engine (conftest.py: vLLM's default dtype, bfloat16 for this float32 checkpoint
+on CPU, as users serve it), tapping the package's served spec (smollm2_live.build_served_spec:
+every site kind, and the harm monitor's circuit, which is compared here like any other),
+compared with a tolerance relative to each circuit's scale (see BF16_TOKEN) that a score one
+position off, or a wrong head's, fails. Exact float32 equality with transformers is checked
+on the reference model (test_live.py) and on a tiny GQA Llama (test_probe_engine.py); a
+float32 SmolLM2 engine here cost three minutes of suite time for the same check.
 
-    float32    ``--dtype float32``, this module's own: the same arithmetic as the reference
-               up to kernel order.
-    default    the engine's default dtype (bfloat16 for this float32 checkpoint on CPU), the
-               package's engine, which test_monitor_live uses too: compared with a tolerance
-               relative to each circuit's scale (see BF16_TOKEN).
-
-Prefix caching is off on both: a cached prefix skips the forward pass, so its tokens are
+Prefix caching is off: a cached prefix skips the forward pass, so its tokens are
 never scored, and the chat template's shared system prompt would otherwise be cached across
 requests (how many tokens depends on the block size).
 """
@@ -30,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from probe_engine_helpers import scores_in_offline_order
 
-from sidecar.protocol.batch import GENERATED
 from sidecar.spec.load import SpecError, load_spec
 
 from .smollm2_live import (
@@ -44,15 +41,11 @@ from .smollm2_live import (
     chat,
     openai_client,
     records_for,
-    serve,
 )
 
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 8
-# float32: the kernels differ (vLLM's CPU attention, fused RMSNorm, Inductor's reductions vs
-# transformers' eager float32), so values agree to ~1e-5 relative, as in test_live.py.
-F32_ATOL = F32_RTOL = 1e-3
 CHATS = (
     "What is the capital of France?",
     "Give me two tips for sleeping better.",
@@ -67,17 +60,6 @@ WORDS = (
 def _repeated_chat(rng: random.Random) -> str:
     span = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 16)))
     return f"Repeat this text exactly: {span} {span}"
-
-
-@pytest.fixture(scope="module", params=["float32", "default"])
-def server(request, smollm2_dir, spec_path, tmp_path_factory):
-    """One engine per dtype, one after the other: float32 started here, the default dtype
-    the package's (conftest.py), left running for test_monitor_live."""
-    if request.param == "default":
-        yield request.getfixturevalue("served")
-        return
-    with serve(smollm2_dir, spec_path, tmp_path_factory.mktemp("smollm2_float32"), "float32") as s:
-        yield s
 
 
 def _chat(client, tag: str, text: str) -> Ran:
@@ -117,9 +99,9 @@ def reference(smollm2_dir, spec_path):
     return ReferenceScorer(load_spec(spec_path, model_dir=smollm2_dir), smollm2_dir)
 
 
-def test_online_scores_equal_the_offline_reference(server, reference):
-    ran = _send_all(server, f"cw-{server.dtype}")
-    records = records_for(server.sink, ran)
+def test_online_scores_equal_the_offline_reference(served, reference):
+    ran = _send_all(served, "cw")
+    records = records_for(served.sink, ran)
     expected = [reference.score(r.prompt_ids, r.generated_ids) for r in ran]
     # The chat template was applied: the prompt starts with its im_start turn markers.
     im_start = reference.tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -127,41 +109,27 @@ def test_online_scores_equal_the_offline_reference(server, reference):
     # Each circuit's scale: the spread of its offline scores over every token sent.
     pooled = np.concatenate([e.scores for e in expected]).astype(np.float64)
     scale = np.maximum(pooled.std(axis=0), 1e-6)
-    float32 = server.dtype == "float32"
     deviations, shifted = [], []  # |online - offline| / scale, per token
     for record, offline in zip(records, expected, strict=True):
-        assert record.finished_by == "engine"
-        tokens = record.tokens
-        order = np.argsort(tokens.positions, kind="stable")
-        np.testing.assert_array_equal(tokens.positions[order], offline.positions)
-        np.testing.assert_array_equal(tokens.phases[order], offline.phases)
-        assert (offline.phases == GENERATED).sum() == MAX_TOKENS - 1
-        online = tokens.scores[order].astype(np.float64)
+        online = scores_in_offline_order(record, offline, MAX_TOKENS - 1).astype(np.float64)
         deviations.append(np.abs(online - offline.scores) / scale)
         shifted.append(np.abs(online[1:] - offline.scores[:-1]) / scale)
-        if float32:
-            np.testing.assert_allclose(online, offline.scores, atol=F32_ATOL, rtol=F32_RTOL)
         for agg in offline.aggregate():
             stats = record.phase(agg.phase_name).circuit(agg.circuit)
-            if float32:
-                assert stats.mean == pytest.approx(agg.mean, abs=F32_ATOL, rel=F32_RTOL)
-                assert stats.max == pytest.approx(agg.max, abs=F32_ATOL, rel=F32_RTOL)
-            else:
-                j = offline.circuit_names.index(agg.circuit)
-                assert abs(stats.mean - agg.mean) <= BF16_MEAN * scale[j], (agg, stats)
-                assert abs(stats.max - agg.max) <= BF16_TOKEN * scale[j], (agg, stats)
+            j = offline.circuit_names.index(agg.circuit)
+            assert abs(stats.mean - agg.mean) <= BF16_MEAN * scale[j], (agg, stats)
+            assert abs(stats.max - agg.max) <= BF16_TOKEN * scale[j], (agg, stats)
     deviation, shifted = np.concatenate(deviations), np.concatenate(shifted)
     names = expected[0].circuit_names
-    print(f"\n{server.dtype}: |online - offline| over {len(deviation)} tokens, per circuit")
+    print(f"\nbfloat16: |online - offline| over {len(deviation)} tokens, per circuit")
     print(f"  {'circuit':<16} {'scale':>8} {'max abs':>9} {'max/scale':>9} {'median/scale':>12}"
           f" {'shifted by one: median/scale':>29}")  # fmt: skip
     for j, name in enumerate(names):
         print(f"  {name:<16} {scale[j]:8.3g} {deviation[:, j].max() * scale[j]:9.3g} "
               f"{deviation[:, j].max():9.3g} {np.median(deviation[:, j]):12.3g} "
               f"{np.median(shifted[:, j]):29.3g}")  # fmt: skip
-    if not float32:
-        assert (deviation.max(axis=0) <= BF16_TOKEN).all()
-        assert (np.median(deviation, axis=0) <= BF16_MEDIAN).all()
+    assert (deviation.max(axis=0) <= BF16_TOKEN).all()
+    assert (np.median(deviation, axis=0) <= BF16_MEDIAN).all()
     # The comparison has teeth: the same scores attributed one position off would fail it.
     assert np.median(shifted, axis=0).max() > 4 * BF16_MEDIAN
 
