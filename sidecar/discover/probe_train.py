@@ -157,7 +157,8 @@ def _select(parts: Sequence[tuple[Activations, list[int], int]], token_sites) ->
     per output row, in output order."""
     first = parts[0][0]
     pooled = {key: torch.stack([a.pooled[key][row] for a, _, row in parts]) for key in first.pooled}
-    starts = {id(a): np.concatenate([[0], np.cumsum(n)]) for a, n, _ in parts}
+    sources = {id(a): n for a, n, _ in parts}  # two at most: the cache's and the new rows
+    starts = {key: np.concatenate([[0], np.cumsum(n)]) for key, n in sources.items()}
     tokens = {
         site: torch.cat(
             [a.tokens[site][starts[id(a)][row] : starts[id(a)][row + 1]] for a, _, row in parts]
