@@ -17,7 +17,9 @@ once the spec was calibrated that way). Then:
 - HarmBench TPR, tricky-benign FPR and jailbreaks flagged at the threshold (these sets
   never set anything).
 
-Writes ``calibration_check.json`` and ``calibration_spread.png`` next to the pool. Run:
+Writes ``calibration_check.json``, ``calibration_spread.png`` (the split spread) and
+``score_distributions.png`` (every set's scores by source, the threshold marked) next to the
+pool. Run:
 ``OMP_NUM_THREADS=1 python -m benchmarks.harm_calibration_check`` (about 1.4 s a request on a
 loaded 2-core machine). Not to score twice: ``--scores`` takes the aggregates
 ``circuitwatch calibrate --scores`` wrote (the pool's, and the held-out file's if it had
@@ -86,6 +88,34 @@ def plot(counts: np.ndarray, seed_count: int, ranges: dict, requests: int, path:
     axis.set_ylabel("splits")
     axis.set_title("Held-out count above the threshold set on the other part", fontsize=10)
     axis.legend(fontsize=8, loc="center right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_scores(rows: list[tuple[str, np.ndarray]], threshold: float, path: Path) -> None:
+    """Each set's prompt scores (one row per set or source), the threshold marked: where the
+    harmful requests lie against each kind of benign one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    rng = np.random.default_rng(0)
+    for y, (name, values) in enumerate(rows):
+        above = values > threshold
+        jitter = y + rng.uniform(-0.25, 0.25, values.size)
+        colour = "#cc3333" if name.startswith("HarmBench") else "#336699"
+        axis.scatter(values, jitter, s=4, alpha=0.5, color=colour, linewidths=0)
+        axis.text(1.01, y, f"{above.sum()}/{values.size}", transform=axis.get_yaxis_transform(),
+                  va="center", fontsize=8)  # fmt: skip
+    axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.5g}")
+    axis.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlabel("prompt aggregate (probe logit); right: flagged / requests")
+    axis.set_title("Where each set scores against the threshold", fontsize=10)
+    axis.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -211,7 +241,17 @@ def main() -> None:
     ranges = {f"binomial at FPR {args.fpr}": promised, "random split": best}
     counts = spreads["stratified"]
     plot(counts, int(counts[args.seed]), ranges, held.size, folder / "calibration_spread.png")
-    print(f"wrote {folder / 'calibration_check.json'} and {folder / 'calibration_spread.png'}")
+    by_source = [
+        (f"{source} ({part})", values[[e.source == source for e in examples]])
+        for part, examples, values in (("pool", benign, pool), ("held out", other, other_scores))
+        for source in sorted({e.source for e in examples})
+    ]
+    named = [(name.split()[0], scores[key]) for name, (key, e) in report_sets.items() if e]
+    plot_scores(named[:1] + by_source + named[1:], threshold, folder / "score_distributions.png")
+    print(
+        f"wrote {folder / 'calibration_check.json'}, {folder / 'calibration_spread.png'} and "
+        f"{folder / 'score_distributions.png'}"
+    )
 
 
 if __name__ == "__main__":
