@@ -69,13 +69,26 @@ def above_by_source(examples, scores: np.ndarray, threshold: float) -> dict[str,
     return {source: f"{flagged[source]}/{n}" for source, n in sorted(sources.items())}
 
 
-def plot(counts: np.ndarray, seed_count: int, ranges: dict, requests: int, path: Path) -> None:
+def _figure(size: tuple[float, float]):
+    """A figure and its axis, drawn off screen (Agg: files only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 3.6))
+    return plt.subplots(figsize=size)
+
+
+def _save(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot(counts: np.ndarray, seed_count: int, ranges: dict, requests: int, path: Path) -> None:
+    figure, axis = _figure((7, 3.6))
     bins = np.arange(counts.max() + 2) - 0.5
     axis.hist(counts, bins=bins, color="#8899bb", label=f"{counts.size} stratified splits")
     colours = ("#cc6633", "#339966")
@@ -88,20 +101,13 @@ def plot(counts: np.ndarray, seed_count: int, ranges: dict, requests: int, path:
     axis.set_ylabel("splits")
     axis.set_title("Held-out count above the threshold set on the other part", fontsize=10)
     axis.legend(fontsize=8, loc="center right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_scores(rows: list[tuple[str, np.ndarray]], threshold: float, path: Path) -> None:
     """Each set's prompt scores (one row per set or source), the threshold marked: where the
     harmful requests lie against each kind of benign one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    figure, axis = _figure((8, 0.45 * len(rows) + 1.2))
     rng = np.random.default_rng(0)
     for y, (name, values) in enumerate(rows):
         above = values > threshold
@@ -116,9 +122,7 @@ def plot_scores(rows: list[tuple[str, np.ndarray]], threshold: float, path: Path
     axis.set_xlabel("prompt aggregate (probe logit); right: flagged / requests")
     axis.set_title("Where each set scores against the threshold", fontsize=10)
     axis.legend(fontsize=8, loc="lower left")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def prompt_scores(spec, scorer, name: str, examples, cache: Path | None) -> np.ndarray:

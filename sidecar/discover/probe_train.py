@@ -193,7 +193,7 @@ def cached_activations(
         if k not in index:
             where.setdefault(k, row)
     missing = list(where)
-    new_lengths = [len(sequences[where[k]]) for k in missing]
+    located = {k: (held, held_lengths, i) for k, i in index.items()}
     if missing:
         cached = sum(k in index for k in keys)
         print(f"activations: {cached} of {len(keys)} requests cached, {len(missing)} to run")
@@ -205,9 +205,8 @@ def cached_activations(
             sites,
             token_sites,
         )
-    located = {k: (held, held_lengths, i) for k, i in index.items()}
-    located |= {k: (new, new_lengths, i) for i, k in enumerate(missing)}
-    if missing:
+        new_lengths = [len(sequences[where[k]]) for k in missing]
+        located |= {k: (new, new_lengths, i) for i, k in enumerate(missing)}
         everything = [*held_keys, *missing]
         merged = _select([located[k] for k in everything], token_sites)
         cache.parent.mkdir(parents=True, exist_ok=True)
